@@ -1,0 +1,1 @@
+"""Drivers for official platform clients used by the transparency tests."""

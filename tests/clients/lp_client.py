@@ -1,0 +1,143 @@
+"""Drive the official LivePerson Functions Node client from Python tests.
+
+PLACEHOLDER: observed behaviour goes here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+LP_DIR = Path(__file__).resolve().parent / "lp"
+DRIVER = LP_DIR / "driver.js"
+CLIENT_PACKAGE = "liveperson-functions-client"
+CANDIDATE_HOSTS = tuple(f"127.0.0.{last}" for last in range(7, 255))
+NPM_CI_TIMEOUT_S = 300.0
+
+
+class LpHarnessError(RuntimeError):
+    """The harness itself failed: node/npm missing, install failed, driver crashed or hung."""
+
+
+def _require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise LpHarnessError(
+            f"`{name}` is not on PATH: the LivePerson client harness needs Node.js >= 18 and npm "
+            f"(install them, then run `npm ci --prefix {LP_DIR}`)"
+        )
+    return path
+
+
+def _pinned_version() -> str:
+    manifest = json.loads((LP_DIR / "package.json").read_text())
+    return manifest["dependencies"][CLIENT_PACKAGE]
+
+
+def installed_version() -> str | None:
+    """The client version under node_modules, or None when it is not installed."""
+    manifest = LP_DIR / "node_modules" / CLIENT_PACKAGE / "package.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text())["version"]
+
+
+def ensure_installed() -> None:
+    """Run `npm ci` unless the pinned client version is already installed; fail loudly."""
+    _require_tool("node")
+    if installed_version() == _pinned_version():
+        return
+    npm = _require_tool("npm")
+    done = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=LP_DIR,
+        capture_output=True,
+        text=True,
+        timeout=NPM_CI_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0 or installed_version() != _pinned_version():
+        raise LpHarnessError(f"`npm ci` in {LP_DIR} failed:\n{done.stdout}\n{done.stderr}")
+
+
+def can_bind_port80(host: str) -> bool:
+    """True when a listening socket could be bound to host:80 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Same option asyncio servers use, so a port in TIME_WAIT still counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, 80))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port80_host(candidates: Iterable[str] = CANDIDATE_HOSTS) -> str:
+    """First loopback address whose port 80 is free (the client cannot be given a port)."""
+    for host in candidates:
+        if can_bind_port80(host):
+            return host
+    raise LpHarnessError("no 127.0.0.x address has port 80 free (is a server bound to 0.0.0.0:80?)")
+
+
+def _driver_argv() -> list[str]:
+    return [_require_tool("node"), str(DRIVER)]
+
+
+def parse_driver_output(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    """The driver's one JSON result line, or LpHarnessError when it did not produce one."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        result = None
+    if returncode != 0 or not isinstance(result, dict) or result.get("outcome") == "driver_error":
+        raise LpHarnessError(
+            f"driver failed (exit {returncode}):\nstdout: {stdout}\nstderr: {stderr}"
+        )
+    return result
+
+
+def run_lp_client(command: dict[str, Any], timeout_s: float = 30) -> dict[str, Any]:
+    """Run one client call (see driver.js for the command format); blocks the calling thread."""
+    ensure_installed()
+    try:
+        done = subprocess.run(
+            _driver_argv(),
+            input=json.dumps(command),
+            cwd=LP_DIR,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as expired:
+        raise LpHarnessError(f"driver did not finish within {timeout_s} s: {command}") from expired
+    return parse_driver_output(done.returncode, done.stdout, done.stderr)
+
+
+async def run_lp_client_async(command: dict[str, Any], timeout_s: float = 30) -> dict[str, Any]:
+    """Like run_lp_client, without blocking the event loop (for servers in the same loop)."""
+    ensure_installed()
+    process = await asyncio.create_subprocess_exec(
+        *_driver_argv(),
+        cwd=LP_DIR,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(
+            process.communicate(json.dumps(command).encode()), timeout_s
+        )
+    except asyncio.TimeoutError as expired:
+        process.kill()
+        await process.wait()
+        raise LpHarnessError(f"driver did not finish within {timeout_s} s: {command}") from expired
+    return parse_driver_output(process.returncode or 0, stdout.decode(), stderr.decode())
