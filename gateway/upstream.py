@@ -1,0 +1,151 @@
+"""The only module that talks to upstreams: one pooled aiohttp session, errors translated.
+
+`send` returns an `UpstreamReply` once the status line and headers have arrived, or an
+`AttemptFailure` saying whether the request can have reached the upstream. aiohttp's own
+exceptions never leave this module. Bodies pass through as bytes: no decompression, no
+re-quoting of the path, no headers added that the caller did not send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import yarl
+
+from gateway.classify import TransportFailure
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes | AsyncIterable[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFailure:
+    failure: TransportFailure
+    detail: str
+
+
+class UpstreamReply:
+    """An upstream answer whose body has not been read yet. Always `release()` it."""
+
+    __slots__ = ("_response", "status", "headers")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers: RawHeaders = strip_hop_by_hop(list(response.raw_headers))
+
+    def header_map(self) -> dict[str, str]:
+        """Lower-cased names -> first value, for classification."""
+        found: dict[str, str] = {}
+        for name, value in self.headers:
+            found.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        return found
+
+    async def read_bounded(self, limit: int) -> tuple[bytes, bool]:
+        """Up to `limit` bytes of the body, and whether the whole body fitted."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in self._response.content.iter_any():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    return b"".join(chunks)[:limit], False
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return b"".join(chunks), False
+        return b"".join(chunks), True
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; raises UpstreamBodyError when the upstream breaks off."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise UpstreamBodyError(str(exc) or type(exc).__name__) from None
+
+    def release(self) -> None:
+        self._response.release()
+
+    def close(self) -> None:
+        """Drop the connection (the body was not read to the end)."""
+        self._response.close()
+
+
+class UpstreamBodyError(Exception):
+    """The upstream broke off while its body was being relayed."""
+
+
+def strip_hop_by_hop(headers: RawHeaders) -> RawHeaders:
+    """RFC 9110 §7.6.1: drop hop-by-hop fields and every field the Connection header names."""
+    named = {
+        token.strip().lower().encode()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.decode("latin-1").split(",")
+    }
+    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
+
+
+class UpstreamClient:
+    """One connection pool for the process; built in the app's lifespan, closed there."""
+
+    def __init__(self, max_connections: int = 512, read_bufsize: int = 64 * 1024) -> None:
+        self._max_connections = max_connections
+        self._read_bufsize = read_bufsize
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+            read_bufsize=self._read_bufsize,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, request: UpstreamRequest, connect_s: float, per_try_s: float) -> UpstreamReply | AttemptFailure:
+        """One attempt; `per_try_s` bounds the time until the response headers arrive."""
+        assert self._session is not None, "UpstreamClient.start() was not awaited"
+        timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=per_try_s)
+        try:
+            async with asyncio.timeout(per_try_s):
+                response = await self._session.request(
+                    request.method,
+                    yarl.URL(request.url, encoded=True),
+                    headers=request.headers,
+                    data=request.body,
+                    timeout=timeout,
+                    allow_redirects=False,
+                    compress=None,
+                    chunked=None,
+                )
+        except aiohttp.ConnectionTimeoutError:
+            return AttemptFailure(TransportFailure.REFUSED, f"could not connect within {connect_s:g} s")
+        except TimeoutError:  # asyncio.timeout and aiohttp's socket read timeout alike
+            return AttemptFailure(TransportFailure.TIMEOUT, f"no answer within {per_try_s:g} s")
+        except aiohttp.ClientConnectorError as exc:
+            return AttemptFailure(TransportFailure.REFUSED, f"connection failed: {exc.os_error.strerror or exc.os_error}")
+        except (aiohttp.ClientError, OSError) as exc:
+            return AttemptFailure(TransportFailure.RESET, f"connection broken: {type(exc).__name__}: {exc}".rstrip(": "))
+        return UpstreamReply(response)
