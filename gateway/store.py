@@ -1,0 +1,353 @@
+"""The only module that talks to Redis: shared state for every gateway replica.
+
+Supported ``state.redis_url`` forms:
+
+- ``redis://[user:password@]host[:port][/db]`` - a standalone server over TCP;
+- ``rediss://…`` - the same over TLS;
+- ``unix://[user:password@]/path/to/redis.sock[?db=N]`` - a standalone server on a Unix socket;
+- ``redis+sentinel://[user:password@]host:port[,host:port…]/service_name[/db]`` - the master
+  of ``service_name`` as named by the listed Sentinels (``rediss+sentinel://`` for TLS to the
+  data nodes); the credentials are for the data nodes, the Sentinels are asked without;
+- ``redis+cluster://[user:password@]host:port[,host:port…]`` - a Redis Cluster discovered from
+  the listed seed nodes (``rediss+cluster://`` for TLS).
+
+Redis is a dependency the gateway must survive losing, so every call is short and
+fails fast: socket and connect timeouts of ``timeout_s`` (tens of milliseconds), an overall
+deadline per operation, no client-side retries, a bounded connection pool, and an outage
+breaker. After a failure the store does not touch Redis for ``cooldown_s`` (calls raise
+:class:`StoreUnavailable` at once); then one caller at a time probes, and the first success
+resumes normal use. Every redis-py error and timeout becomes :class:`StoreUnavailable` here,
+so no other module imports ``redis``.
+
+Token buckets are kept as GCRA "theoretical arrival times" (the instant the bucket will be
+full again) by one Lua script run with EVALSHA, on the server's clock, with a TTL equal to
+the time until the bucket is full: an idle account costs no memory. The arithmetic mirrors
+:func:`gateway.ratelimit.step_bucket`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Client = aioredis.Redis | RedisCluster
+
+TOKEN_BUCKET_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local rate = tonumber(ARGV[1])
+local per_s = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local interval = per_s / rate
+local capacity = burst * interval
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+tat = math.min(math.max(tat, now), now + capacity)
+local new_tat = tat + interval
+if new_tat - now > capacity + 1e-6 then
+  return {0, 0, string.format('%.6f', new_tat - now - capacity), string.format('%.6f', tat - now)}
+end
+local reset = new_tat - now
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil(reset * 1000) + 1)
+local remaining = math.floor((capacity - reset) / interval + 1e-6)
+return {1, remaining, '0', string.format('%.6f', reset)}
+"""
+TOKEN_BUCKET_SHA = hashlib.sha1(TOKEN_BUCKET_LUA.encode()).hexdigest()
+
+STORE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+)
+
+
+class StoreUnavailable(Exception):
+    """Redis could not answer in time (down, slow, cooling down after an outage)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """How hard the store tries: per-socket timeout, pool bound, outage cool-down."""
+
+    timeout_s: float = 0.05
+    max_connections: int = 64
+    cooldown_s: float = 1.0
+    resubscribe_s: float = 1.0
+
+
+class OutageBreaker:
+    """Keeps callers off Redis for a cool-down after a failure, then lets one probe through."""
+
+    def __init__(self, clock: Callable[[], float], cooldown_s: float) -> None:
+        self._clock = clock
+        self._cooldown_s = cooldown_s
+        self._open_until: float | None = None
+        self._probing = False
+
+    @property
+    def healthy(self) -> bool:
+        return self._open_until is None
+
+    def admit(self) -> Literal["closed", "probe"] | None:
+        """Whether a call may go to Redis now, and as what; None means stay away."""
+        if self._open_until is None:
+            return "closed"
+        if self._probing or self._clock() < self._open_until:
+            return None
+        self._probing = True
+        return "probe"
+
+    def succeed(self, ticket: Literal["closed", "probe"]) -> None:
+        # Only the probe closes the breaker: a slow call admitted before the outage began
+        # must not reopen the floodgates.
+        if ticket == "probe":
+            self._open_until = None
+            self._probing = False
+
+    def fail(self) -> None:
+        self._open_until = self._clock() + self._cooldown_s
+        self._probing = False
+
+    def abandon(self, ticket: Literal["closed", "probe"]) -> None:
+        """A call was cancelled by its caller: it proved nothing either way."""
+        if ticket == "probe":
+            self._probing = False
+
+    def seconds_left(self) -> float:
+        if self._open_until is None:
+            return 0.0
+        return max(0.0, self._open_until - self._clock())
+
+
+class RedisStore:
+    """Short, fail-fast Redis operations behind an outage breaker."""
+
+    def __init__(
+        self,
+        client: Client,
+        pubsub_client: Client,
+        *,
+        clock: Callable[[], float],
+        options: StoreOptions,
+    ) -> None:
+        self._client = client
+        self._pubsub_client = pubsub_client
+        self._options = options
+        self._breaker = OutageBreaker(clock, options.cooldown_s)
+        self._deadline_s = options.timeout_s * 4
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float = 0.05,
+        max_connections: int = 64,
+        cooldown_s: float = 1.0,
+        clock: Callable[[], float],
+    ) -> RedisStore:
+        """Build a store for any supported URL; nothing connects until the first call."""
+        options = StoreOptions(
+            timeout_s=timeout_s, max_connections=max_connections, cooldown_s=cooldown_s
+        )
+        client = build_client(url, options, listening=False)
+        pubsub_client = build_client(url, options, listening=True)
+        return cls(client, pubsub_client, clock=clock, options=options)
+
+    @property
+    def healthy(self) -> bool:
+        """False while the store is in its outage cool-down."""
+        return self._breaker.healthy
+
+    def cooldown_left_s(self) -> float:
+        return self._breaker.seconds_left()
+
+    async def take_token(
+        self, key: str, rate: float, per_s: float, burst: int
+    ) -> tuple[bool, int, float, float]:
+        """Take one token: (allowed, remaining, retry_after_s, reset_s), on the server clock."""
+        reply = await self._guarded(lambda: self._run_bucket_script(key, rate, per_s, burst))
+        allowed, remaining, retry_after, reset = reply
+        return bool(allowed), int(remaining), float(retry_after), float(reset)
+
+    async def ping(self) -> bool:
+        return bool(await self._guarded(self._client.ping))
+
+    async def set_value(
+        self, key: str, value: bytes, ttl_s: float, only_if_absent: bool = False
+    ) -> bool:
+        """SET with a TTL; with ``only_if_absent`` returns False when the key already exists."""
+        ttl_ms = max(1, round(ttl_s * 1000))
+        reply = await self._guarded(
+            lambda: self._client.set(key, value, px=ttl_ms, nx=only_if_absent)
+        )
+        return bool(reply)
+
+    async def get_value(self, key: str) -> bytes | None:
+        return await self._guarded(lambda: self._client.get(key))
+
+    async def delete(self, key: str) -> None:
+        await self._guarded(lambda: self._client.delete(key))
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        await self._guarded(lambda: self._client.publish(channel, message))
+
+    async def subscribe(self, channel: str) -> AsyncIterator[bytes]:
+        """Messages on ``channel`` for as long as the caller iterates, across Redis outages."""
+        while True:
+            try:
+                async for message in self._listen(channel):
+                    yield message
+            except STORE_ERRORS as error:
+                log.warning("redis subscription to %s lost: %s", channel, error)
+            await asyncio.sleep(self._options.resubscribe_s)
+
+    async def aclose(self) -> None:
+        for client in (self._client, self._pubsub_client):
+            with contextlib.suppress(*STORE_ERRORS):
+                await client.aclose()
+
+    async def _listen(self, channel: str) -> AsyncIterator[bytes]:
+        if isinstance(self._pubsub_client, RedisCluster):
+            await self._pubsub_client.initialize()  # a cluster pub/sub needs the slot map first
+        pubsub = self._pubsub_client.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            while True:
+                message = await pubsub.get_message(timeout=self._options.resubscribe_s)
+                if message is not None and message["type"] == "message":
+                    yield message["data"]
+        finally:
+            with contextlib.suppress(*STORE_ERRORS):
+                await pubsub.aclose()
+
+    async def _run_bucket_script(self, key: str, rate: float, per_s: float, burst: int) -> Any:
+        args = (repr(float(rate)), repr(float(per_s)), str(int(burst)))
+        try:
+            return await self._client.evalsha(TOKEN_BUCKET_SHA, 1, key, *args)
+        except NoScriptError:
+            await self._client.script_load(TOKEN_BUCKET_LUA)
+            return await self._client.evalsha(TOKEN_BUCKET_SHA, 1, key, *args)
+
+    async def _guarded(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation under the breaker and deadline; translate every failure."""
+        ticket = self._breaker.admit()
+        if ticket is None:
+            raise StoreUnavailable("redis is cooling down after an outage")
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                result = await operation()
+        except STORE_ERRORS as error:
+            self._breaker.fail()
+            raise StoreUnavailable(f"redis: {type(error).__name__}: {error}") from error
+        except BaseException:
+            self._breaker.abandon(ticket)
+            raise
+        self._breaker.succeed(ticket)
+        return result
+
+
+def build_client(url: str, options: StoreOptions, *, listening: bool) -> Client:
+    """A redis-py asyncio client for ``url``; ``listening`` clients are for pub/sub only."""
+    scheme = url.split("://", 1)[0].lower()
+    kwargs = connection_kwargs(options, listening=listening)
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return build_sentinel_client(url, kwargs)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return build_cluster_client(url, kwargs)
+    if scheme in ("redis", "rediss", "unix"):
+        return build_standalone_client(url, kwargs, options)
+    raise ValueError(
+        "redis_url must start with redis://, rediss://, unix://, redis+sentinel:// "
+        "or redis+cluster://"
+    )
+
+
+def connection_kwargs(options: StoreOptions, *, listening: bool) -> dict[str, Any]:
+    # A pub/sub connection waits for messages, so its reads get no short timeout; its
+    # connect and commands still fail fast.
+    return {
+        "socket_timeout": None if listening else options.timeout_s,
+        "socket_connect_timeout": options.timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        "max_connections": options.max_connections,
+    }
+
+
+def build_standalone_client(
+    url: str, kwargs: dict[str, Any], options: StoreOptions
+) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=options.timeout_s, **kwargs)
+    return aioredis.Redis.from_pool(pool)
+
+
+def build_sentinel_client(url: str, kwargs: dict[str, Any]) -> aioredis.Redis:
+    parts = parse_multi_host_url(url)
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not path or len(path) > 2:
+        raise ValueError("redis+sentinel URL needs /service_name[/db]")
+    db = int(path[1]) if len(path) == 2 else 0
+    sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+    sentinel = Sentinel(
+        list(parts.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs, **parts.credentials
+    )
+    return sentinel.master_for(unquote(path[0]), db=db, ssl=parts.tls)
+
+
+def build_cluster_client(url: str, kwargs: dict[str, Any]) -> RedisCluster:
+    parts = parse_multi_host_url(url)
+    nodes = [ClusterNode(host, port) for host, port in parts.hosts]
+    return RedisCluster(startup_nodes=nodes, ssl=parts.tls, **kwargs, **parts.credentials)
+
+
+@dataclass(frozen=True, slots=True)
+class MultiHostUrl:
+    hosts: tuple[tuple[str, int], ...]
+    path: str
+    credentials: dict[str, str]
+    tls: bool
+
+
+def parse_multi_host_url(url: str) -> MultiHostUrl:
+    """Split ``scheme://[user:pass@]h:p[,h:p…]/path`` (urlsplit rejects the comma list)."""
+    scheme, rest = url.split("://", 1)
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hostlist = netloc.rpartition("@")
+    hosts = tuple(parse_host_port(item) for item in hostlist.split(",") if item)
+    if not hosts:
+        raise ValueError(f"{scheme} URL names no host")
+    return MultiHostUrl(hosts, path, parse_credentials(userinfo), scheme.startswith("rediss"))
+
+
+def parse_host_port(item: str) -> tuple[str, int]:
+    parsed = urlsplit(f"//{item}")
+    if not parsed.hostname:
+        raise ValueError(f"bad host in redis URL: {item!r}")
+    return parsed.hostname, parsed.port or 6379
+
+
+def parse_credentials(userinfo: str) -> dict[str, str]:
+    if not userinfo:
+        return {}
+    user, has_password, password = userinfo.partition(":")
+    credentials = {"password": unquote(password)} if has_password else {}
+    if user:
+        credentials["username"] = unquote(user)
+    return credentials
