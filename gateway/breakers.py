@@ -14,8 +14,9 @@ Time. pybreaker stamps `opened_at` with `datetime.now()` and compares it only in
 clock instead, and the registry itself decides open -> half-open from that stamp (pybreaker
 would only decide it inside `call`, which we never use). The clock is wall time in epoch
 seconds (`time.time` in production), because opens are exchanged between replicas as epoch
-instants; clamping every open period to at most `reset_timeout_s` from now bounds what a
-clock step, or skew between hosts, can do.
+instants. What a clock step or skew between hosts can do is bounded: an open period never
+has more than its `reset_timeout_s` left, and a remote open stamped in the future counts
+from now.
 
 Generations. Each admission remembers the breaker's generation, which changes with every
 transition, every probe and every reset; a result recorded under an older generation (a
@@ -28,7 +29,22 @@ Replication. `BreakerReplicator` observes the registry: a local open is queued a
 background task, written to `gw:breaker:{upstream}:{function}` (TTL `reset_timeout_s`) and
 published on `gw:breakers`; a listener task applies other replicas' opens with
 `force_open`; a breaker created on this replica queues a background read of its key, so a
-replica that starts late still learns about opens in progress. No request waits on Redis.
+replica that starts late still learns about opens in progress. Once its own hello comes back
+on the channel (the subscription is live), the replicator also reads the key of every breaker
+it already has. No request waits on Redis; if Redis is down, each replica's breakers still
+protect it alone.
+
+Use, once per upstream attempt::
+
+    admission = registry.admit(upstream, function, policy)
+    if isinstance(admission, Refusal):
+        ...  # circuit_open, Retry-After: admission.retry_after_s
+    try:
+        outcome = await attempt()
+    except asyncio.CancelledError:
+        admission.release()
+        raise
+    ...  # then record_failure(), record_success() or release(), by outcome class
 """
 
 from __future__ import annotations
@@ -52,6 +68,8 @@ from pybreaker import (
     CircuitBreakerState,
     CircuitMemoryStorage,
 )
+
+from gateway.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +152,9 @@ class _ClockedStorage(CircuitMemoryStorage):
 class _TransitionRelay(CircuitBreakerListener):
     """Turns pybreaker's state_change into `on_transition(key, old, new)`."""
 
-    def __init__(self, key: BreakerKey, on_transition: Callable[[BreakerKey, str, str], None]) -> None:
+    def __init__(
+        self, key: BreakerKey, on_transition: Callable[[BreakerKey, str, str], None]
+    ) -> None:
         self._key = key
         self._on_transition = on_transition
 
@@ -178,6 +198,7 @@ class _Breaker:
         self._clock = clock
         self._on_open = on_open
         self.open_until = 0.0
+        self.open_for_s = policy.reset_timeout_s
         self.generation = 0
         self.probe_until: float | None = None
 
@@ -201,8 +222,10 @@ class _Breaker:
     def admit(self) -> Admission | Refusal:
         now = self._clock()
         if self.state == STATE_OPEN:
-            if now < self.open_until:
-                return Refusal(self.key, self.open_until - now)
+            remaining_s = self.open_remaining_s(now)
+            if remaining_s > 0:
+                self.open_until = now + remaining_s
+                return Refusal(self.key, remaining_s)
             self._transition(self.cb.half_open)
         if self.state != STATE_HALF_OPEN:
             return Admission(self, self.generation, is_probe=False)
@@ -235,12 +258,13 @@ class _Breaker:
 
     def force_open(self, opened_at: float, open_until: float) -> None:
         """Open until `open_until` (another replica's open); an open period is only extended."""
-        if self.state == STATE_OPEN:
-            self.open_until = max(self.open_until, open_until)
+        if self.state == STATE_OPEN and self.open_until >= open_until:
             return
-        self._transition(self.cb.open)
+        if self.state != STATE_OPEN:
+            self._transition(self.cb.open)
         self.storage.opened_at_s = opened_at
         self.open_until = open_until
+        self.open_for_s = open_until - opened_at
 
     def reset(self) -> None:
         if self.state == STATE_CLOSED:
@@ -250,13 +274,17 @@ class _Breaker:
             self._transition(self.cb.close)
 
     def open_remaining_s(self, now: float) -> float:
-        return max(0.0, self.open_until - now) if self.state == STATE_OPEN else 0.0
+        """Time left open; never more than the period itself, should the wall clock step back."""
+        if self.state != STATE_OPEN:
+            return 0.0
+        return min(max(0.0, self.open_until - now), self.open_for_s)
 
     def _trip(self) -> None:
         self._transition(self.cb.open)
         opened_at = self.storage.opened_at_s
         assert opened_at is not None  # cb.open() stamps it through _ClockedStorage
-        self.open_until = opened_at + self.policy.reset_timeout_s
+        self.open_for_s = self.policy.reset_timeout_s
+        self.open_until = opened_at + self.open_for_s
         self._on_open(self.key, opened_at, self.policy.reset_timeout_s)
 
     def _transition(self, move: Callable[[], object]) -> None:
@@ -332,6 +360,9 @@ class BreakerRegistry:
     def admit(self, upstream: str, function: str, policy: BreakerPolicy) -> Admission | Refusal:
         return self._breaker_for(key_for(upstream, function, policy), policy).admit()
 
+    def keys(self) -> list[BreakerKey]:
+        return list(self._breakers)
+
     def snapshot(self) -> list[dict]:
         now = self._clock()
         return [self._describe(breaker, now) for breaker in self._breakers.values()]
@@ -373,7 +404,8 @@ class BreakerRegistry:
     def _create(self, key: BreakerKey, policy: BreakerPolicy) -> _Breaker:
         if len(self._breakers) >= self._max_breakers:
             self._evict_one()
-        listeners = [] if self._on_transition is None else [_TransitionRelay(key, self._on_transition)]
+        hook = self._on_transition
+        listeners = [] if hook is None else [_TransitionRelay(key, hook)]
         breaker = _Breaker(key, policy, self._clock, listeners, self._announce_open)
         self._breakers[key] = breaker
         return breaker
@@ -416,7 +448,9 @@ class BreakerStore(Protocol):
 
     def subscribe(self, channel: str) -> AsyncIterator[bytes]: ...
 
-    async def set_value(self, key: str, value: bytes, ttl_s: float, only_if_absent: bool = False) -> bool: ...
+    async def set_value(
+        self, key: str, value: bytes, ttl_s: float, only_if_absent: bool = False
+    ) -> bool: ...
 
     async def get_value(self, key: str) -> bytes | None: ...
 
@@ -456,11 +490,14 @@ def decode_open(raw: bytes) -> RemoteOpen | None:
     upstream, function = data.get("upstream"), data.get("function")
     opened_at, reset_timeout_s = data.get("opened_at"), data.get("reset_timeout_s")
     replica_id = data.get("replica_id")
-    if not (isinstance(upstream, str) and isinstance(function, str) and isinstance(replica_id, str)):
+    if not all(isinstance(text, str) for text in (upstream, function, replica_id)):
         return None
-    if not (_is_finite_number(opened_at) and _is_finite_number(reset_timeout_s) and reset_timeout_s > 0):
+    if not (_is_finite_number(opened_at) and _is_finite_number(reset_timeout_s)):
         return None
-    return RemoteOpen(BreakerKey(upstream, function), float(opened_at), float(reset_timeout_s), replica_id)
+    if reset_timeout_s <= 0:
+        return None
+    key = BreakerKey(upstream, function)
+    return RemoteOpen(key, float(opened_at), float(reset_timeout_s), replica_id)
 
 
 def _is_finite_number(value: object) -> bool:
@@ -470,8 +507,10 @@ def _is_finite_number(value: object) -> bool:
 class BreakerReplicator:
     """Shares breaker opens between replicas through the store, off the request path.
 
-    `replica_id` must be unique per process (an open is not applied back to its sender).
-    `resubscribe_delay_s` is the pause before subscribing again after the store failed.
+    `replica_id` must be unique per process: an open is not applied back to its sender.
+    Until its own hello comes back on the channel, the replicator announces itself every
+    `hello_interval_s`; once it does, the subscription is live, and every breaker already
+    known is read from the store so that opens published before that moment are not missed.
     """
 
     def __init__(
@@ -481,16 +520,18 @@ class BreakerReplicator:
         *,
         replica_id: str,
         queue_max: int = 1024,
-        resubscribe_delay_s: float = 1.0,
+        hello_interval_s: float = 0.1,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._registry = registry
         self._store = store
         self._replica_id = replica_id
-        self._resubscribe_delay_s = resubscribe_delay_s
+        self._hello = orjson.dumps({"hello": replica_id})
+        self._hello_interval_s = hello_interval_s
         self._sleep = sleep
         self._opens: asyncio.Queue[RemoteOpen] = asyncio.Queue(maxsize=queue_max)
         self._fetches: asyncio.Queue[BreakerKey] = asyncio.Queue(maxsize=queue_max)
+        self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -504,6 +545,7 @@ class BreakerReplicator:
             asyncio.create_task(self._publish_opens(), name="breakers-publish"),
             asyncio.create_task(self._fetch_keys(), name="breakers-fetch"),
             asyncio.create_task(self._listen(), name="breakers-listen"),
+            asyncio.create_task(self._say_hello(), name="breakers-hello"),
         ]
 
     async def stop(self) -> None:
@@ -513,11 +555,18 @@ class BreakerReplicator:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
+    async def wait_subscribed(self) -> None:
+        """Return once remote opens reach this replica (readiness, tests)."""
+        await self._subscribed.wait()
+
     def breaker_created(self, key: BreakerKey) -> None:
-        self._enqueue(self._fetches, key)
+        if not self._enqueue(self._fetches, key):
+            logger.warning("breaker replication busy, not reading the state of %s", key)
 
     def breaker_opened(self, key: BreakerKey, opened_at: float, reset_timeout_s: float) -> None:
-        self._enqueue(self._opens, RemoteOpen(key, opened_at, reset_timeout_s, self._replica_id))
+        event = RemoteOpen(key, opened_at, reset_timeout_s, self._replica_id)
+        if not self._enqueue(self._opens, event):
+            logger.warning("breaker replication busy, not publishing the open of %s", key)
 
     def apply(self, raw: bytes) -> bool:
         """Apply one message from the channel; True when it opened (or extended) a breaker."""
@@ -528,11 +577,12 @@ class BreakerReplicator:
         return True
 
     @staticmethod
-    def _enqueue(queue: asyncio.Queue, item: object) -> None:
+    def _enqueue(queue: asyncio.Queue, item: object) -> bool:
         try:
             queue.put_nowait(item)
         except asyncio.QueueFull:
-            logger.warning("breaker replication queue full, dropping %r", item)
+            return False
+        return True
 
     async def _publish_opens(self) -> None:
         while True:
@@ -541,27 +591,41 @@ class BreakerReplicator:
             try:
                 await self._store.set_value(store_key(event.key), message, event.reset_timeout_s)
                 await self._store.publish(CHANNEL, message)
-            except Exception:
-                # Replication is best effort: each replica's breakers still protect it alone.
-                logger.warning("could not publish breaker open of %s", event.key, exc_info=True)
+            except StoreUnavailable as error:
+                # Best effort: each replica's own breakers still protect it.
+                logger.warning("could not publish the breaker open of %s: %s", event.key, error)
 
     async def _fetch_keys(self) -> None:
         while True:
             key = await self._fetches.get()
             try:
                 raw = await self._store.get_value(store_key(key))
-            except Exception:
-                logger.warning("could not read breaker state of %s", key, exc_info=True)
+            except StoreUnavailable as error:
+                logger.warning("could not read the breaker state of %s: %s", key, error)
                 continue
             event = None if raw is None else decode_open(raw)
             if event is not None and event.key == key:
                 self._registry.force_open(key, event.opened_at, event.reset_timeout_s)
 
     async def _listen(self) -> None:
-        while True:
+        async for raw in self._store.subscribe(CHANNEL):
+            if raw == self._hello:
+                self._on_subscribed()
+            else:
+                self.apply(raw)
+
+    async def _say_hello(self) -> None:
+        while not self._subscribed.is_set():
             try:
-                async for raw in self._store.subscribe(CHANNEL):
-                    self.apply(raw)
-            except Exception:
-                logger.warning("breaker channel subscription failed", exc_info=True)
-            await self._sleep(self._resubscribe_delay_s)
+                await self._store.publish(CHANNEL, self._hello)
+            except StoreUnavailable:
+                pass
+            await self._sleep(self._hello_interval_s)
+
+    def _on_subscribed(self) -> None:
+        if self._subscribed.is_set():
+            return
+        self._subscribed.set()
+        for key in self._registry.keys():
+            if not self._enqueue(self._fetches, key):
+                break

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import orjson
 import pytest
@@ -14,11 +18,14 @@ from gateway.breakers import (
     BreakerKey,
     BreakerPolicy,
     BreakerRegistry,
+    BreakerReplicator,
     Refusal,
     RemoteOpen,
     decode_open,
     encode_open,
 )
+from gateway.store import RedisStore
+from tests.redis_servers import RedisProcess, redis_server, send_command  # noqa: F401 (fixture)
 
 START = 1_700_000_000.0
 POLICY = BreakerPolicy(fail_max=3, reset_timeout_s=10.0)
@@ -58,19 +65,25 @@ def registry(clock: FakeClock, log: TransitionLog) -> BreakerRegistry:
     return BreakerRegistry(clock, log)
 
 
-def admitted(registry: BreakerRegistry, function: str = "f", policy: BreakerPolicy = POLICY) -> Admission:
+def admitted(
+    registry: BreakerRegistry, function: str = "f", policy: BreakerPolicy = POLICY
+) -> Admission:
     decision = registry.admit("lp", function, policy)
     assert isinstance(decision, Admission), decision
     return decision
 
 
-def refused(registry: BreakerRegistry, function: str = "f", policy: BreakerPolicy = POLICY) -> Refusal:
+def refused(
+    registry: BreakerRegistry, function: str = "f", policy: BreakerPolicy = POLICY
+) -> Refusal:
     decision = registry.admit("lp", function, policy)
     assert isinstance(decision, Refusal), decision
     return decision
 
 
-def fail_times(registry: BreakerRegistry, times: int, function: str = "f", policy: BreakerPolicy = POLICY) -> None:
+def fail_times(
+    registry: BreakerRegistry, times: int, function: str = "f", policy: BreakerPolicy = POLICY
+) -> None:
     for _ in range(times):
         admitted(registry, function, policy).record_failure()
 
@@ -80,7 +93,9 @@ def state_of(registry: BreakerRegistry, function: str = "f") -> dict:
     return entry
 
 
-def test_opens_after_fail_max_consecutive_failures(registry: BreakerRegistry, clock: FakeClock) -> None:
+def test_opens_after_fail_max_consecutive_failures(
+    registry: BreakerRegistry, clock: FakeClock
+) -> None:
     fail_times(registry, POLICY.fail_max - 1)
     assert state_of(registry)["state"] == "closed"
     fail_times(registry, 1)
@@ -108,7 +123,9 @@ def test_half_open_admits_exactly_one_probe_and_its_success_closes(
     assert not admitted(registry).is_probe
 
 
-def test_probe_failure_reopens_for_another_full_reset_timeout(registry: BreakerRegistry, clock: FakeClock) -> None:
+def test_probe_failure_reopens_for_another_full_reset_timeout(
+    registry: BreakerRegistry, clock: FakeClock
+) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s + 3.0)
     probe = admitted(registry)
@@ -122,7 +139,9 @@ def test_probe_failure_reopens_for_another_full_reset_timeout(registry: BreakerR
     assert admitted(registry).is_probe
 
 
-def test_released_probe_lets_the_next_request_probe(registry: BreakerRegistry, clock: FakeClock) -> None:
+def test_released_probe_lets_the_next_request_probe(
+    registry: BreakerRegistry, clock: FakeClock
+) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s)
     admitted(registry).release()
@@ -185,7 +204,9 @@ async def test_cancelled_request_counts_as_neither(registry: BreakerRegistry) ->
     assert state_of(registry)["state"] == "closed"
 
 
-async def test_cancelled_probe_frees_the_probe_slot(registry: BreakerRegistry, clock: FakeClock) -> None:
+async def test_cancelled_probe_frees_the_probe_slot(
+    registry: BreakerRegistry, clock: FakeClock
+) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s)
     started = asyncio.Event()
@@ -242,7 +263,9 @@ def test_scope_upstream_shares_one_breaker(registry: BreakerRegistry) -> None:
     assert [e["function"] for e in registry.snapshot()] == [UPSTREAM_WIDE]
 
 
-def test_on_transition_sees_every_change(registry: BreakerRegistry, clock: FakeClock, log: TransitionLog) -> None:
+def test_on_transition_sees_every_change(
+    registry: BreakerRegistry, clock: FakeClock, log: TransitionLog
+) -> None:
     key = BreakerKey("lp", "f")
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s)
@@ -318,7 +341,9 @@ def test_reset_of_a_function_reaches_its_upstream_wide_breaker(registry: Breaker
     admitted(registry, "a", shared)
 
 
-def test_policy_change_keeps_state_and_applies_new_thresholds(registry: BreakerRegistry, clock: FakeClock) -> None:
+def test_policy_change_keeps_state_and_applies_new_thresholds(
+    registry: BreakerRegistry, clock: FakeClock
+) -> None:
     fail_times(registry, 2)
     stricter = BreakerPolicy(fail_max=3, reset_timeout_s=20.0)
     fail_times(registry, 1, policy=stricter)
@@ -341,7 +366,9 @@ def test_breakers_are_bounded_and_idle_ones_evicted_first(clock: FakeClock) -> N
     refused(registry, "open")
 
 
-def test_force_open_applies_a_remote_open(registry: BreakerRegistry, clock: FakeClock, log: TransitionLog) -> None:
+def test_force_open_applies_a_remote_open(
+    registry: BreakerRegistry, clock: FakeClock, log: TransitionLog
+) -> None:
     key = BreakerKey("lp", "f")
     admitted(registry)
     registry.force_open(key, clock.now - 4.0, 10.0)
@@ -362,7 +389,9 @@ def test_force_open_creates_unknown_breakers_and_ignores_stale_or_future_times(
     assert refused(registry, "skewed").retry_after_s == pytest.approx(10.0)
 
 
-def test_force_open_during_a_probe_makes_the_probe_stale(registry: BreakerRegistry, clock: FakeClock) -> None:
+def test_force_open_during_a_probe_makes_the_probe_stale(
+    registry: BreakerRegistry, clock: FakeClock
+) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s)
     probe = admitted(registry)
@@ -371,15 +400,31 @@ def test_force_open_during_a_probe_makes_the_probe_stale(registry: BreakerRegist
     assert state_of(registry)["state"] == "open"
 
 
+WELL_FORMED = {
+    "upstream": "lp",
+    "function": "f",
+    "opened_at": 1.0,
+    "reset_timeout_s": 5,
+    "replica_id": "r",
+}
+
+
+def test_a_well_formed_message_is_an_open() -> None:
+    expected = RemoteOpen(BreakerKey("lp", "f"), 1.0, 5.0, "r")
+    assert decode_open(orjson.dumps(WELL_FORMED)) == expected
+
+
 @pytest.mark.parametrize(
     "raw",
     [
         b"not json",
         b"[]",
-        b'{"upstream": "lp", "function": "f", "opened_at": 1.0, "reset_timeout_s": 0, "replica_id": "r"}',
-        b'{"upstream": "lp", "function": "f", "opened_at": true, "reset_timeout_s": 5, "replica_id": "r"}',
-        b'{"upstream": "lp", "function": 3, "opened_at": 1.0, "reset_timeout_s": 5, "replica_id": "r"}',
-        b'{"upstream": "lp", "function": "f", "opened_at": 1.0, "reset_timeout_s": 5}',
+        orjson.dumps(WELL_FORMED | {"reset_timeout_s": 0}),
+        orjson.dumps(WELL_FORMED | {"opened_at": True}),
+        orjson.dumps(WELL_FORMED | {"opened_at": "1.0"}),
+        orjson.dumps(WELL_FORMED | {"function": 3}),
+        orjson.dumps({k: v for k, v in WELL_FORMED.items() if k != "replica_id"}),
+        orjson.dumps({"hello": "replica-a"}),
     ],
 )
 def test_malformed_messages_are_not_opens(raw: bytes) -> None:
@@ -396,3 +441,106 @@ def test_open_messages_round_trip() -> None:
         "replica_id": "replica-a",
     }
     assert decode_open(encode_open(event)) == event
+
+
+def test_a_wall_clock_step_back_does_not_lengthen_an_open_period(
+    registry: BreakerRegistry, clock: FakeClock
+) -> None:
+    fail_times(registry, POLICY.fail_max)
+    clock.advance(4.0)
+    clock.now -= 3600.0
+    assert refused(registry).retry_after_s == pytest.approx(POLICY.reset_timeout_s)
+    assert state_of(registry)["open_remaining_s"] == pytest.approx(POLICY.reset_timeout_s)
+    clock.advance(POLICY.reset_timeout_s)
+    assert admitted(registry).is_probe
+
+
+# --- replication through a real redis-server ---------------------------------------------
+
+REPLICATED = BreakerPolicy(fail_max=2, reset_timeout_s=30.0)
+SEEN_WITHIN_S = 1.0
+
+
+@dataclass
+class Replica:
+    registry: BreakerRegistry
+    replicator: BreakerReplicator
+    store: RedisStore
+    log: TransitionLog
+
+    async def close(self) -> None:
+        await self.replicator.stop()
+        await self.store.aclose()
+
+
+@contextlib.asynccontextmanager
+async def replicas(url: str, *names: str) -> AsyncIterator[list[Replica]]:
+    started: list[Replica] = []
+    try:
+        for name in names:
+            log = TransitionLog()
+            registry = BreakerRegistry(time.time, log)
+            # Generous socket timeout: a loaded test machine must not look like an outage.
+            store = RedisStore.from_url(url, timeout_s=0.5, clock=time.monotonic)
+            replicator = BreakerReplicator(registry, store, replica_id=name)
+            started.append(Replica(registry, replicator, store, log))
+            replicator.start()
+        yield started
+    finally:
+        for replica in started:
+            await replica.close()
+
+
+async def until_refused(registry: BreakerRegistry, function: str) -> Refusal:
+    """Admit (and release) until the breaker refuses; the replication is in the background."""
+    while True:
+        decision = registry.admit("lp", function, REPLICATED)
+        if isinstance(decision, Refusal):
+            return decision
+        decision.release()
+        await asyncio.sleep(0.01)
+
+
+async def test_an_open_on_one_replica_is_seen_on_the_other(redis_server: RedisProcess) -> None:
+    async with replicas(redis_server.url, "replica-a", "replica-b") as (a, b):
+        async with asyncio.timeout(SEEN_WITHIN_S * 5):
+            await asyncio.gather(a.replicator.wait_subscribed(), b.replicator.wait_subscribed())
+        admitted(b.registry, policy=REPLICATED).record_success()
+        fail_times(a.registry, REPLICATED.fail_max, policy=REPLICATED)
+        async with asyncio.timeout(SEEN_WITHIN_S):
+            refusal = await until_refused(b.registry, "f")
+        assert 0 < refusal.retry_after_s <= REPLICATED.reset_timeout_s
+        assert refusal.retry_after_s > REPLICATED.reset_timeout_s - SEEN_WITHIN_S
+        assert b.log.events == [(BreakerKey("lp", "f"), "closed", "open")]
+        await asyncio.sleep(0.2)  # time enough for an echo of b's apply, were there one
+        assert a.log.events == [(BreakerKey("lp", "f"), "closed", "open")]
+        admitted(b.registry, "other", REPLICATED)
+
+
+async def test_a_replica_started_later_loads_the_open_from_the_key(
+    redis_server: RedisProcess
+) -> None:
+    async with replicas(redis_server.url, "replica-a") as (a,):
+        fail_times(a.registry, REPLICATED.fail_max, policy=REPLICATED)
+        async with asyncio.timeout(SEEN_WITHIN_S):
+            while (stored := await a.store.get_value("gw:breaker:lp:f")) is None:
+                await asyncio.sleep(0.01)
+        assert decode_open(stored).replica_id == "replica-a"
+        ttl_s = int(send_command(redis_server.port, "PTTL", "gw:breaker:lp:f")[1:]) / 1000
+        assert REPLICATED.reset_timeout_s - SEEN_WITHIN_S < ttl_s <= REPLICATED.reset_timeout_s
+        async with replicas(redis_server.url, "replica-c") as (c,):
+            assert isinstance(c.registry.admit("lp", "f", REPLICATED), Admission)
+            async with asyncio.timeout(SEEN_WITHIN_S):
+                refusal = await until_refused(c.registry, "f")
+            assert refusal.retry_after_s > REPLICATED.reset_timeout_s - SEEN_WITHIN_S
+
+
+async def test_requests_do_not_notice_that_redis_is_down(redis_server: RedisProcess) -> None:
+    redis_server.stop()
+    async with replicas(redis_server.url, "replica-a") as (a,):
+        fail_times(a.registry, REPLICATED.fail_max, function="g", policy=REPLICATED)
+        refused(a.registry, "g", REPLICATED)
+        await asyncio.sleep(0.2)  # let the background tasks meet the dead server
+        assert state_of(a.registry, "g")["state"] == "open"
+        assert not a.replicator.apply(b'{"hello": "replica-a"}')
+
