@@ -28,7 +28,10 @@ from tests.clients.lp_client import (
 )
 
 ACCOUNT = "le-1234"
-V1_CUSTOM_FAILURE = {"errorCode": "com.liveperson.faas.handler.custom-failure", "errorMsg": "whoops"}
+V1_CUSTOM_FAILURE = {
+    "errorCode": "com.liveperson.faas.handler.custom-failure",
+    "errorMsg": "whoops",
+}
 V1_RUNTIME_EXCEPTION = {
     "errorCode": "com.liveperson.faas.handler.runtime-exception",
     "errorMsg": "x is undefined",
@@ -104,7 +107,9 @@ class SimulatedLivePerson:
     async def _record(self, request: web.Request) -> None:
         body = await request.json() if request.can_read_body else None
         self.recorded.append(
-            Recorded(request.method, request.path, dict(request.query), request.headers.copy(), body)
+            Recorded(
+                request.method, request.path, dict(request.query), request.headers.copy(), body
+            )
         )
 
     async def _invoke(self, request: web.Request) -> web.Response:
@@ -160,6 +165,8 @@ def scenario_replies() -> dict[str, Reply]:
         "too-large": Reply(413, V1_GENERAL),
         "retry-after-long": Reply(429, V1_GENERAL, {"Retry-After": "60"}),
         "retry-after-short": Reply(429, V1_GENERAL, {"Retry-After": "1"}),
+        "retry-after-long-500": Reply(500, V1_GENERAL, {"Retry-After": "60"}),
+        "too-large-retry-after": Reply(413, V1_GENERAL, {"Retry-After": "1"}),
         "v2-threw": Reply(901, V2_THREW),
         "v2-not-found": Reply(404, V2_NOT_FOUND),
         "slow": Reply(200, {"late": True}, delay_s=SLOW_REPLY_S),
@@ -183,7 +190,8 @@ def upstream() -> Iterator[SimulatedLivePerson]:
 
 
 def invoke(upstream: SimulatedLivePerson, name: str, **fields: Any) -> dict[str, Any]:
-    return run_lp_client({"host": upstream.host, "accountId": ACCOUNT, "lambdaUuid": name, **fields})
+    command = {"host": upstream.host, "accountId": ACCOUNT, "lambdaUuid": name}
+    return run_lp_client({**command, **fields})
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,7 @@ class Case:
 INVOKE_CASES = (
     Case("ok", "resolved", None, 200, 1),
     Case("accepted", "resolved", None, 202, 1),
+    Case("not-json", "thrown", "FaaSInvokeError", 200, 1),
     Case("custom-failure", "thrown", "FaaSLambdaError", 901, 1),
     Case("custom-failure", "resolved", None, 901, 1, throw=False),
     Case("bare-901", "thrown", "FaaSInvokeError", 901, 1),
@@ -210,6 +219,8 @@ INVOKE_CASES = (
     Case("too-large", "thrown", "FaaSInvokeError", 413, 1),
     Case("retry-after-long", "thrown", "FaaSInvokeError", 429, 1),
     Case("retry-after-short", "thrown", "FaaSInvokeError", 429, 4),
+    Case("retry-after-long-500", "thrown", "FaaSInvokeError", 500, 1),
+    Case("too-large-retry-after", "thrown", "FaaSInvokeError", 413, 4),
     Case("v2-threw", "thrown", "FaaSLambdaError", 901, 1, version="v2"),
     Case("v2-threw", "thrown", "FaaSInvokeError", 901, 1),
     Case("custom-failure", "thrown", "FaaSInvokeError", 901, 1, version="v2"),
@@ -296,7 +307,8 @@ def test_connection_reset_is_retried() -> None:
     server = ClosingServer(pick_port80_host())
     server.start()
     try:
-        result = run_lp_client({"host": server.host, "lambdaUuid": "x", "failOnErrorStatusCode": True})
+        command = {"host": server.host, "lambdaUuid": "x", "failOnErrorStatusCode": True}
+        result = run_lp_client(command)
     finally:
         server.stop()
     assert (result["name"], result["status"]) == ("FaaSInvokeError", None)
@@ -341,7 +353,8 @@ def test_is_implemented_resolves_the_flag(upstream: SimulatedLivePerson) -> None
     result = run_lp_client({**command, "eventId": "implemented"})
     (sent,) = upstream.attempts("implemented")
     assert result == {"outcome": "resolved", "value": True}
-    assert (sent.method, sent.path) == ("GET", f"/api/account/{ACCOUNT}/events/implemented/isImplemented")
+    path = f"/api/account/{ACCOUNT}/events/implemented/isImplemented"
+    assert (sent.method, sent.path) == ("GET", path)
     assert sent.query == {"v": "1", "skillId": "", "externalSystem": "Unknown"}
 
 
@@ -358,7 +371,9 @@ def test_is_implemented_error_is_its_own_name(upstream: SimulatedLivePerson) -> 
     ("version", "path"),
     [("v1", f"/api/account/{ACCOUNT}/lambdas/"), ("v2", f"/api/account/{ACCOUNT}/functions")],
 )
-def test_get_lambdas_path_per_version(upstream: SimulatedLivePerson, version: str, path: str) -> None:
+def test_get_lambdas_path_per_version(
+    upstream: SimulatedLivePerson, version: str, path: str
+) -> None:
     result = run_lp_client({"host": upstream.host, "accountId": ACCOUNT, "op": "getLambdas",
                             "version": version})
     assert result["value"]["ok"] is True
@@ -369,6 +384,12 @@ async def test_async_runner_matches_sync_runner(upstream: SimulatedLivePerson) -
     command = {"host": upstream.host, "lambdaUuid": "custom-failure", "failOnErrorStatusCode": True}
     result = await run_lp_client_async(command)
     assert (result["name"], result["status"]) == ("FaaSLambdaError", 901)
+
+
+def test_missing_node_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(LpHarnessError, match="node"):
+        ensure_installed()
 
 
 def test_driver_error_is_raised() -> None:
@@ -383,3 +404,9 @@ def test_pick_port80_host_skips_taken_address(upstream: SimulatedLivePerson) -> 
 
 def test_pinned_version_is_installed() -> None:
     assert installed_version() == "2.2.0"
+
+
+def test_retry_after_above_client_timeout_stops_retries(upstream: SimulatedLivePerson) -> None:
+    result = invoke(upstream, "retry-after-short", timeout=500, failOnErrorStatusCode=True)
+    assert (result["name"], result["status"]) == ("FaaSInvokeError", 429)
+    assert len(upstream.attempts("retry-after-short")) == 1

@@ -1,6 +1,64 @@
 """Drive the official LivePerson Functions Node client from Python tests.
 
-PLACEHOLDER: observed behaviour goes here.
+`run_lp_client(command)` runs `lp/driver.js` once in a fresh Node process (so the client's
+in-process caches, e.g. isImplemented's 60 s cache, never carry over between calls) and
+returns its one JSON result. The command and result formats are documented in driver.js.
+Install: `npm ci --prefix tests/clients/lp` (ensure_installed() does it when needed).
+
+Observed behaviour of liveperson-functions-client 2.2.0 (HTTP via got 11.8.6), measured by
+tests/test_lp_client_harness.py against a simulated upstream:
+
+Mode. V2 iff the CSDS domain contains "fninvocations" or "functions". The driver answers CSDS
+with `host` for v1 and with `fninvocations.lp-harness.test` (resolved to `host` inside the
+driver) for v2, so the Host header differs between the modes. No port can be given: port 80.
+
+Requests.
+- V1 invoke: POST /api/account/{acc}/lambdas/{uuid}/invoke?v=1&skillId=&externalSystem=unknown
+  (events: /events/{id}/invoke; externalSystem = lpEventSource or externalSystem or "unknown").
+- V2 invoke: same paths; query only `skillId` when given; header LP-EventSource (default "Unknown").
+- Headers: Content-Type: application/json, Accept: application/json, User-Agent:
+  faas-client-js@2.0.0 (hard-coded, not the package version), X-Request-ID (given requestId or
+  a random GUID), Authorization (the driver's authStrategy: "Bearer x").
+- Body: {"timestamp": <ms>, "headers": [{"key", "value"}], "payload": {...}}.
+- Client retries resend the identical request: same X-Request-ID, same body and timestamp.
+- isImplemented: GET /api/account/{acc}/events/{id}/isImplemented
+  ?v=1&skillId=&externalSystem=Unknown (V2: no v/externalSystem); resolves body["implemented"];
+  any error throws FaaSIsImplementedError (cause FaasIsImplementedParseError when
+  failOnErrorStatusCode=false).
+- getLambdas: GET /api/account/{acc}/lambdas/?...&v=1, V2: GET /api/account/{acc}/functions?...
+
+invoke outcome per upstream reply ("resolve" = default failOnErrorStatusCode=false,
+"throw" = true; resolved values are {url, headers, body, ok, status, statusText[, retryCount]}):
+
+  upstream reply                          resolve                     throw              attempts
+  200 / 202 JSON                          ok=true, status, body       same as resolve    1
+  200 body not JSON                       ok=false, status 200, text  FaaSInvokeError    1
+  901 V1 body, errorCode handler.*        ok=false, status 901        FaaSLambdaError    1
+  901 body without errorCode/errorMsg     ok=false, status 901        FaaSInvokeError    1
+  500 V1 body, errorCode handler.*        ok=false, status 500        FaaSLambdaError    4
+  404 es.missinglambda                    ok=false, status 404        FaaSInvokeError    1
+  408, 429, 500, 502, 503, 504            ok=false, retryCount=3      FaaSInvokeError    4
+  413 without Retry-After                 ok=false, status 413        FaaSInvokeError    1
+  retryable status (or 413) + Retry-After ≤ timeout                   FaaSInvokeError    4
+  retryable status + Retry-After > timeout (default 35 s)             FaaSInvokeError    1
+  v2 mode: 901 {"code": threw-error}      ok=false, status 901        FaaSLambdaError    1
+  v1 mode: 901 {"code": threw-error}                                  FaaSInvokeError    1
+  v2 mode: 901 V1 handler body                                        FaaSInvokeError    1
+  v2 mode: 404 function.not-found                                     FaaSInvokeError    1
+  no answer within `timeout`              ok=false, status/body null  FaaSInvokeError    4
+  connection reset                        ok=false, status null       FaaSInvokeError    4
+  connection refused                      ok=false, status null, retryCount 0  FaaSInvokeError  1
+
+- The error name depends only on the body (errorCode starting com.liveperson.faas.handler in
+  v1 mode, code starting com.customer.faas.function.threw-error in v2 mode), never on the
+  status: 901 is not special, a handler code on a 500 is still FaaSLambdaError.
+- Retry-After never changes the delay (always attempt × 350 ms: 350, 700, 1050), but a value
+  above the client's `timeout` (ms) cancels the retries; a 413 is retried only with a
+  Retry-After. Each attempt gets the full `timeout`, so the worst case is 4 × timeout + 2.1 s.
+- v2 mode with v1CompError=true rewrites a V2 error body into V1 fields in what it returns.
+- Thrown errors are VErrors: FaaSLambdaError/FaaSInvokeError -> FaaSRequestError ->
+  HttpRequestError; the driver reports `status` and `body` from the merged VError info
+  (`info.response`), plus `causes` and the full `info` (response, requestOptions).
 """
 
 from __future__ import annotations

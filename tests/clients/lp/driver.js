@@ -22,6 +22,7 @@
 // fixed header, no metric collector is installed, and host names are resolved locally.
 
 const dns = require('dns');
+const net = require('net');
 const path = require('path');
 
 const V2_DOMAIN = 'fninvocations.lp-harness.test';
@@ -49,19 +50,25 @@ function pickDomain(command) {
   return command.version === 'v2' ? V2_DOMAIN : command.host;
 }
 
-// The client cannot be told a port or an address for a name, so names resolve here.
+// The client cannot be told a port or an address for a name, so names resolve here; any
+// other name fails, so nothing in the client can reach the internet by accident.
 function pinNameResolution(domain, host) {
   const realLookup = dns.lookup;
   dns.lookup = (hostname, options, callback) => {
     const cb = typeof options === 'function' ? options : callback;
     const opts = typeof options === 'object' && options !== null ? options : {};
-    if (hostname !== domain || domain === host) {
-      return realLookup(hostname, options, callback);
+    if (hostname === domain && net.isIP(host)) {
+      const family = net.isIP(host);
+      process.nextTick(() => (opts.all
+        ? cb(null, [{ address: host, family }])
+        : cb(null, host, family)));
+      return undefined;
     }
-    const family = host.includes(':') ? 6 : 4;
-    process.nextTick(() => (opts.all
-      ? cb(null, [{ address: host, family }])
-      : cb(null, host, family)));
+    if (hostname === domain || hostname === host || hostname === 'localhost') {
+      return realLookup(hostname === domain ? host : hostname, options, callback);
+    }
+    const error = Object.assign(new Error(`harness blocks DNS for ${hostname}`), { code: 'ENOTFOUND' });
+    process.nextTick(() => cb(error));
     return undefined;
   };
 }
