@@ -180,7 +180,7 @@ class RedisRateLimiter:
             return self._local.take_now(key, policy)
         if self._on_error == "allow":
             return Decision(True, policy.burst, 0.0, 0.0, policy, "fallback-allow")
-        wait_s = max(self._store.cooldown_left_s(), policy.interval_s)
+        wait_s = self._store.cooldown_left_s()
         return Decision(False, 0, wait_s, wait_s, policy, "unavailable")
 
 

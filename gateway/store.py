@@ -151,6 +151,7 @@ class RedisStore:
         self._pubsub_client = pubsub_client
         self._options = options
         self._breaker = OutageBreaker(clock, options.cooldown_s)
+        # Room for a connect, the command, and a NOSCRIPT reload (two more round trips).
         self._deadline_s = options.timeout_s * 4
 
     @classmethod
@@ -304,7 +305,12 @@ def build_sentinel_client(url: str, kwargs: dict[str, Any]) -> aioredis.Redis:
     if not path or len(path) > 2:
         raise ValueError("redis+sentinel URL needs /service_name[/db]")
     db = int(path[1]) if len(path) == 2 else 0
-    sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+    # Sentinels are only asked where the master is: always short timeouts, never retries.
+    sentinel_kwargs = {
+        "socket_timeout": kwargs["socket_connect_timeout"],
+        "socket_connect_timeout": kwargs["socket_connect_timeout"],
+        "retry": Retry(NoBackoff(), 0),
+    }
     sentinel = Sentinel(
         list(parts.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs, **parts.credentials
     )

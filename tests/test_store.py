@@ -101,6 +101,16 @@ def test_cluster_client_has_no_retries() -> None:
     assert client.retry.get_retries() == 0
 
 
+def test_sentinel_clients_fail_fast_without_retries() -> None:
+    client = build_client("redis+sentinel://127.0.0.1:1/m", StoreOptions(), listening=False)
+    sentinel = client.connection_pool.sentinel_manager.sentinels[0]
+    for connection in (
+        client.connection_pool.make_connection(),
+        sentinel.connection_pool.make_connection(),
+    ):
+        assert (connection.retry.get_retries(), connection.socket_timeout) == (0, 0.05)
+
+
 def test_listening_client_waits_without_read_timeout() -> None:
     client = build_client("redis://127.0.0.1:1", StoreOptions(), listening=True)
     assert client.connection_pool.make_connection().socket_timeout is None
