@@ -189,7 +189,11 @@ class RedisStore:
         return bool(allowed), int(remaining), float(retry_after), float(reset)
 
     async def ping(self) -> bool:
-        return bool(await self._guarded(self._client.ping))
+        """Whether Redis answers now (False during the cool-down, without asking it)."""
+        try:
+            return bool(await self._guarded(self._client.ping))
+        except StoreUnavailable:
+            return False
 
     async def set_value(
         self, key: str, value: bytes, ttl_s: float, only_if_absent: bool = False
@@ -232,7 +236,7 @@ class RedisStore:
         try:
             await pubsub.subscribe(channel)
             while True:
-                message = await pubsub.get_message(timeout=self._options.resubscribe_s)
+                message = await pubsub.get_message(timeout=None)
                 if message is not None and message["type"] == "message":
                     yield message["data"]
         finally:

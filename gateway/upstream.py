@@ -46,13 +46,13 @@ class UpstreamReply:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
-        self.headers: RawHeaders = strip_hop_by_hop(list(response.raw_headers))
+        self.headers: RawHeaders = strip_hop_by_hop([(n.lower(), v) for n, v in response.raw_headers])
 
     def header_map(self) -> dict[str, str]:
-        """Lower-cased names -> first value, for classification."""
+        """Names -> first value, for classification (names are lower-cased, as ASGI wants)."""
         found: dict[str, str] = {}
         for name, value in self.headers:
-            found.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
         return found
 
     async def read_bounded(self, limit: int) -> tuple[bytes, bool]:
@@ -90,14 +90,9 @@ class UpstreamBodyError(Exception):
 
 
 def strip_hop_by_hop(headers: RawHeaders) -> RawHeaders:
-    """RFC 9110 §7.6.1: drop hop-by-hop fields and every field the Connection header names."""
-    named = {
-        token.strip().lower().encode()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.decode("latin-1").split(",")
-    }
-    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
+    """RFC 9110 §7.6.1: drop hop-by-hop fields and every field the Connection header names (lower-case names)."""
+    named = {token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")}
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
 
 
 class UpstreamClient:
@@ -143,7 +138,7 @@ class UpstreamClient:
         except aiohttp.ConnectionTimeoutError:
             return AttemptFailure(TransportFailure.REFUSED, f"could not connect within {connect_s:g} s")
         except TimeoutError:  # asyncio.timeout and aiohttp's socket read timeout alike
-            return AttemptFailure(TransportFailure.TIMEOUT, f"no answer within {per_try_s:g} s")
+            return AttemptFailure(TransportFailure.TIMEOUT, f"no answer within {per_try_s:.3g} s")
         except aiohttp.ClientConnectorError as exc:
             return AttemptFailure(TransportFailure.REFUSED, f"connection failed: {exc.os_error.strerror or exc.os_error}")
         except (aiohttp.ClientError, OSError) as exc:

@@ -1,0 +1,225 @@
+"""create_app(settings) -> the ASGI application; its lifespan builds and closes everything.
+
+Long-lived parts (upstream pool, rate limiter, breakers, retry budgets, metrics) live in
+`Services` and survive a reload; everything derived from one configuration lives in a
+`Runtime`, which a reload replaces in one assignment. A request reads the current Runtime once
+at its start, so it finishes on the configuration it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from gateway.breakers import BreakerKey, BreakerPolicy, BreakerRegistry, BreakerReplicator
+from gateway.observability import AccessLog, Metrics
+from gateway.pipeline import Pipeline, UpstreamPlan
+from gateway.ratelimit import BucketPolicy, MemoryRateLimiter, RedisRateLimiter
+from gateway.retry import RetryBudget
+from gateway.settings import Settings, load_settings
+from gateway.sigv4 import RequestSigner, signer_if_needed
+from gateway.store import RedisStore
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("gateway.app")
+
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@dataclass(slots=True)
+class Services:
+    """The parts that outlive a configuration: built once in the lifespan, closed there."""
+
+    upstream: UpstreamClient
+    limiter: Any
+    breakers: BreakerRegistry
+    metrics: Metrics
+    access_log: AccessLog
+    clock: Callable[[], float]
+    wall_clock: Callable[[], float]
+    random: Callable[[], float]
+    store: RedisStore | None = None
+    replicator: BreakerReplicator | None = None
+    signer: RequestSigner | None = None
+    budgets: dict[str, RetryBudget] = field(default_factory=dict)
+
+
+class Runtime:
+    """One loaded configuration bound to the services: what the pipeline reads per request."""
+
+    def __init__(self, settings: Settings, services: Services) -> None:
+        config = settings.config
+        self.settings = settings
+        self.services = services
+        self.router = settings.router
+        self.plans = {name: _plan(name, settings) for name in config.upstreams}
+        self.limiter = services.limiter
+        self.breakers = services.breakers
+        self.upstream = services.upstream
+        self.metrics = services.metrics
+        self.access_log = services.access_log
+        self.signer = services.signer
+        self.clock = services.clock
+        self.wall_clock = services.wall_clock
+        self.random = services.random
+        self.max_body_bytes = config.server.max_body_bytes
+        self.replay_max_bytes = min(config.server.replay_max_bytes, config.server.max_body_bytes)
+        self.type_base = config.server.error_type_base
+        limits = config.rate_limits
+        self._default_bucket = BucketPolicy("default", limits.default.rate, limits.default.per_s, limits.default.burst)
+        self._account_buckets = {a: BucketPolicy(a, b.rate, b.per_s, b.burst) for a, b in limits.accounts.items()}
+        for plan in self.plans.values():
+            self.budget(plan)
+        self.pipeline = Pipeline(self)
+
+    def bucket_policy(self, account: str | None) -> BucketPolicy:
+        if account is None:
+            return self._default_bucket
+        return self._account_buckets.get(account, self._default_bucket)
+
+    def budget(self, plan: UpstreamPlan) -> RetryBudget:
+        """Budgets are kept per upstream name across reloads; a reload only retunes them."""
+        budget = self.services.budgets.get(plan.name)
+        if budget is None:
+            budget = RetryBudget(plan.retry.budget_ratio, plan.retry.budget_min_per_s, self.clock)
+            self.services.budgets[plan.name] = budget
+        elif (budget.ratio, budget.min_per_s) != (plan.retry.budget_ratio, plan.retry.budget_min_per_s):
+            budget.reconfigure(plan.retry.budget_ratio, plan.retry.budget_min_per_s)
+        return budget
+
+
+def _plan(name: str, settings: Settings) -> UpstreamPlan:
+    upstream = settings.config.upstreams[name]
+    breaker = settings.breaker_policies[upstream.breaker]
+    return UpstreamPlan(
+        name=name,
+        config=upstream,
+        pack=settings.packs[upstream.dialect],
+        retry=settings.retry_policies[upstream.retry],
+        breaker=BreakerPolicy(breaker.fail_max, breaker.reset_timeout_s, breaker.scope),
+        account_header=upstream.account_header.lower().encode() if upstream.account_header else None,
+    )
+
+
+class Gateway:
+    """The ASGI entry point: the proxy pipeline for upstream routes, Starlette for the rest."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.runtime: Runtime | None = None
+        self.services: Services | None = None
+        self.replica_id = uuid.uuid4().hex[:12]
+        self._reload_lock = asyncio.Lock()
+        self.ops = Starlette(routes=self._ops_routes(), lifespan=self._lifespan)
+
+    def _ops_routes(self) -> list[Route]:
+        from gateway.admin import admin_routes, ops_routes
+
+        return [*ops_routes(self), *admin_routes(self)]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPS_PATHS and not scope["path"].startswith("/admin"):
+            runtime = self.runtime
+            if runtime is None:
+                raise RuntimeError("the gateway's lifespan has not started")
+            await runtime.pipeline(scope, receive, send)
+            return
+        await self.ops(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        self.services = await build_services(self.settings, self._clock, self._wall_clock, self.replica_id)
+        self.runtime = Runtime(self.settings, self.services)
+        log.info("gateway started with %s", self.settings.source)
+
+    async def stop(self) -> None:
+        services = self.services
+        if services is None:
+            return
+        if services.replicator is not None:
+            await services.replicator.stop()
+        await services.upstream.aclose()
+        if services.store is not None:
+            await services.store.aclose()
+        self.services = None
+
+    def swap(self, settings: Settings) -> None:
+        """Install a new, already validated configuration in one assignment."""
+        assert self.services is not None
+        self.runtime = Runtime(settings, self.services)
+        self.settings = settings
+
+    async def reload_from(self, path: Path) -> Settings:
+        """Load, validate and swap; raises ConfigError and keeps the running configuration."""
+        async with self._reload_lock:
+            settings = await asyncio.to_thread(load_settings, path)
+            if settings.config.state != self.settings.config.state:
+                log.warning("state settings changed: they take effect at the next restart")
+            self.swap(settings)
+            return settings
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        services = self.services
+        if services is None or self.runtime is None:
+            return False, {"config": "not loaded"}
+        detail: dict[str, Any] = {"config": self.settings.source}
+        if services.store is None:
+            detail["state"] = "memory"
+            return True, detail
+        reachable = await services.store.ping()
+        detail["state"] = "redis"
+        detail["redis"] = "reachable" if reachable else "unreachable"
+        return reachable, detail
+
+
+async def build_services(settings: Settings, clock: Callable[[], float], wall_clock: Callable[[], float], replica_id: str) -> Services:
+    config = settings.config
+    metrics = Metrics()
+    breakers = BreakerRegistry(wall_clock, _transition_logger(metrics))
+    upstream = UpstreamClient(max_connections=sum(u.max_connections for u in config.upstreams.values()))
+    await upstream.start()
+    store: RedisStore | None = None
+    replicator: BreakerReplicator | None = None
+    if config.state.redis_url:
+        store = RedisStore.from_url(config.state.redis_url, timeout_s=config.state.redis_timeout_s, max_connections=config.state.redis_max_connections, clock=clock)
+        limiter: Any = RedisRateLimiter(store, config.state.on_redis_error, clock)
+        replicator = BreakerReplicator(breakers, store, replica_id=replica_id)
+        replicator.start()
+    else:
+        limiter = MemoryRateLimiter(clock)
+    signer = signer_if_needed(config)
+    return Services(upstream, limiter, breakers, metrics, AccessLog(), clock, wall_clock, random.random, store, replicator, signer)
+
+
+def _transition_logger(metrics: Metrics) -> Callable[[BreakerKey, str, str], None]:
+    events = logging.getLogger("gateway.breakers")
+
+    def on_transition(key: BreakerKey, old: str, new: str) -> None:
+        metrics.record_breaker_transition(key.upstream, key.function, old, new)
+        events.warning("breaker %s/%s: %s -> %s", key.upstream, key.function, old, new)
+
+    return on_transition
+
+
+def create_app(settings: Settings, **kwargs: Any) -> Gateway:
+    return Gateway(settings, **kwargs)
