@@ -74,6 +74,7 @@ class Runtime:
         self.wall_clock = services.wall_clock
         self.random = services.random
         self.max_body_bytes = config.server.max_body_bytes
+        self.max_header_bytes = config.server.max_header_bytes
         self.replay_max_bytes = min(config.server.replay_max_bytes, config.server.max_body_bytes)
         self.type_base = config.server.error_type_base
         limits = config.rate_limits

@@ -149,6 +149,9 @@ class Pipeline:
             self._account(exchange)
 
     async def _handle(self, exchange: Exchange) -> None:
+        if _header_bytes(exchange.scope) > self.rt.max_header_bytes:
+            outcome = Outcome(ErrorClass.CLIENT_ERROR, 431, "gateway.headers_too_large", f"request headers exceed {self.rt.max_header_bytes} bytes", made_by_gateway=True)
+            return await self._respond_gateway(exchange, None, outcome)
         found = self.rt.router.match(_raw_path(exchange.scope))
         if found is None:
             return await self._respond_gateway(exchange, None, Outcome(ErrorClass.NOT_FOUND, 404, "gateway.no_route", "no route matches this path", made_by_gateway=True))
@@ -466,6 +469,7 @@ class RuntimeView:
     wall_clock: Callable[[], float]
     random: Callable[[], float]
     max_body_bytes: int
+    max_header_bytes: int
     replay_max_bytes: int
     type_base: str
 
@@ -551,6 +555,10 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+def _header_bytes(scope: Scope) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in scope["headers"])
 
 
 def _declared_length(scope: Scope) -> int | None:
