@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from gateway.yamlsource import ConfigError, Problem, SourceDocument, load_yaml, parse_yaml
 
@@ -46,7 +46,7 @@ class Timeouts(Frozen):
 
 
 class DedupeConfig(Frozen):
-    enabled: bool = True
+    enabled: StrictBool = True  # YAML 1.1 'yes'/'on' arrive as strings; pydantic would take them as True
     ttl_s: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(65536, ge=0)
     id_headers: tuple[str, ...] = ("Idempotency-Key", "X-Request-ID", "amz-sdk-invocation-id")
@@ -71,7 +71,7 @@ class UpstreamConfig(Frozen):
     account_header: str | None = None
     auth: Literal["passthrough", "aws_sigv4"] = "passthrough"
     aws_region: str | None = None
-    rate_limited: bool = True
+    rate_limited: StrictBool = True
     dedupe: DedupeConfig | None = None
     max_connections: int = Field(256, ge=1)
 
@@ -159,6 +159,8 @@ def _describe(item: dict[str, Any]) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if kind == "bool_type":
+        return f"must be true or false (got {item.get('input')!r})"
     if kind == "literal_error":
         expected = item.get("ctx", {}).get("expected", "")
         return f"must be one of {expected} (got {item.get('input')!r})"

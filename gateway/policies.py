@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from gateway.config import BreakerPolicyConfig, RetryPolicyConfig, problems_from_validation
 from gateway.outcomes import ErrorClass
@@ -32,7 +32,7 @@ class Matcher(_Strict):
     contains: str | None = None
     one_of: tuple[str | int, ...] | None = Field(None, alias="in")
     range: tuple[int, int] | None = None
-    present: bool | None = None
+    present: StrictBool | None = None
 
     @model_validator(mode="before")
     @classmethod
