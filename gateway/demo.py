@@ -15,7 +15,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.observability import configure_logging
-from gateway.server import allow_nonstandard_statuses
+from gateway.server import GatewayHttpProtocol, allow_nonstandard_statuses
 from gateway.settings import load_settings
 from gateway.simulators import SimulatedUpstream
 
@@ -82,7 +82,7 @@ async def _run(host: str, port: int) -> None:
         DEMO_CONFIG.format(host=host, port=port, liveperson=simulators["liveperson"].url, lambda_=simulators["lambda"].url, yuanrong=simulators["yuanrong"].url, http=simulators["http"].url)
     )
     app = create_app(load_settings(config_path))
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http="httptools", lifespan="on", server_header=False, date_header=False, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http=GatewayHttpProtocol, lifespan="on", server_header=False, date_header=False, log_level="warning"))
     base = f"http://{host}:{port}"
     print(f"gateway demo: listening on {base} (configuration: {config_path})\n")
     for name, dialect in (("lp", "liveperson"), ("aws", "lambda"), ("yr", "yuanrong"), ("web", "http")):

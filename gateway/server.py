@@ -6,9 +6,14 @@ import http
 import os
 from pathlib import Path
 
+import uuid
+
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import Gateway, create_app
+from gateway.envelope import ProblemContext, render_gateway_error
+from gateway.outcomes import ErrorClass, Outcome
 from gateway.observability import configure_logging
 from gateway.settings import load_settings
 
@@ -37,6 +42,20 @@ def _phrase(status: int) -> bytes:
         return b"Function Error" if status == 901 else b""
 
 
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, answering unparseable requests with the problem envelope."""
+
+    def send_400_response(self, msg: str) -> None:
+        outcome = Outcome(ErrorClass.CLIENT_ERROR, 400, "gateway.bad_request", f"malformed HTTP request: {msg}", made_by_gateway=True)
+        request_id = uuid.uuid4().hex
+        rendered = render_gateway_error(None, outcome, ProblemContext(None, 0, request_id))
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        head += [name + b": " + value + b"\r\n" for name, value in rendered.headers]
+        head += [b"content-length: %d\r\n" % len(rendered.body), b"x-request-id: " + request_id.encode() + b"\r\n", b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + rendered.body)
+        self.transport.close()
+
+
 def app_from_environment() -> Gateway:
     """uvicorn factory for worker processes: each worker loads the file named by GATEWAY_CONFIG."""
     allow_nonstandard_statuses()
@@ -51,7 +70,7 @@ def serve(config_path: Path, host: str, port: int, workers: int, grace_s: float)
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=GatewayHttpProtocol,
         lifespan="on",
         server_header=False,
         date_header=False,
