@@ -7,8 +7,11 @@ function failure (Lambda's `X-Amz-Function-Error`).
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import enum
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +23,8 @@ from gateway.policies import DialectPack, Matcher, Rule, Source
 
 ERROR_BODY_LIMIT = 64 * 1024
 DETAIL_LIMIT = 1024
+# delay-seconds is 1*DIGIT; a fraction is tolerated, but not float()'s "1e3", "+5", "1_0", "nan"
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 class TransportFailure(enum.Enum):
@@ -188,12 +193,13 @@ def _retry_after(pack: CompiledPack, headers: Mapping[str, str], fields: dict[st
 def parse_retry_after(value: str, now_epoch_s: float) -> float | None:
     """RFC 9110 Retry-After: delay-seconds or an HTTP-date; None when unreadable."""
     text = value.strip()
-    try:
+    if _DELAY_SECONDS.fullmatch(text):
         seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when.timestamp() - now_epoch_s)
-    return seconds if seconds >= 0 and seconds == seconds and seconds != float("inf") else None
+        return seconds if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT, even when it says -0000
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - now_epoch_s)
