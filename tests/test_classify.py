@@ -506,6 +506,8 @@ RETRY_AFTER_CASES: list[tuple[str, float | None]] = [
     (email.utils.formatdate(NOW + 30, usegmt=True), 30.0),
     (email.utils.formatdate(NOW - 30, usegmt=True), 0.0),
     ("Sunday, 06-Nov-94 08:49:37 GMT", 0.0),  # obsolete RFC 850 form, long past
+    (email.utils.formatdate(NOW + 45).rsplit(" ", 1)[0] + " -0000", 45.0),  # no zone given: GMT
+    ("9" * 400, None),
     ("", None),
     ("soon", None),
     ("-5", None),
