@@ -225,14 +225,13 @@ class Pipeline:
             if size > self.rt.max_body_bytes:
                 raise BodyTooLarge()
             chunks.append(chunk)
-            if more and size > self.rt.replay_max_bytes:
-                return RequestBody(None, self._rest_of_body(exchange, chunks, size))
+            if size > self.rt.replay_max_bytes:  # even when it all came at once: over the limit is never replayed
+                return RequestBody(None, self._rest_of_body(exchange, chunks, size, more))
         return RequestBody(b"".join(chunks))
 
-    async def _rest_of_body(self, exchange: Exchange, head: list[bytes], size: int) -> AsyncIterator[bytes]:
+    async def _rest_of_body(self, exchange: Exchange, head: list[bytes], size: int, more: bool) -> AsyncIterator[bytes]:
         for chunk in head:
             yield chunk
-        more = True
         while more:
             message = await exchange.receive()
             if message["type"] == "http.disconnect":
