@@ -1,17 +1,35 @@
-"""Metrics (one prometheus registry per app, never the global one) and the JSON access log."""
+"""Metrics (one prometheus registry per app, never the global one) and the JSON access log.
+
+Counters and histograms are updated on the request path. What is a state rather than an
+event (each breaker's state and time left open, whether Redis answers, whether rate limiting
+runs in its fallback mode) is read from its owner when `/metrics` is scraped, so the
+exposition can never disagree with `/admin/breakers` or miss a breaker that never changed.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from gateway.breakers import BreakerRegistry
+    from gateway.store import RedisStore
 
 ACCESS_LOGGER = "gateway.access"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BREAKER_STATES = ("closed", "open", "half-open")
 
 
 @dataclass(slots=True)
@@ -41,33 +59,139 @@ class Metrics:
         self.retry_stops = Counter("gateway_retry_stops_total", "Why retries stopped", ["upstream", "reason"], registry=r)
         self.upstream_latency = Histogram("gateway_upstream_latency_seconds", "Time to upstream response headers", ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
         self.request_latency = Histogram("gateway_request_duration_seconds", "Whole request duration", ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
-        self.breaker_state = Gauge("gateway_breaker_state", "1 for the state each breaker is in", ["upstream", "function", "state"], registry=r)
         self.breaker_transitions = Counter("gateway_breaker_transitions_total", "Breaker state changes", ["upstream", "to"], registry=r)
         self.ratelimit = Counter("gateway_ratelimit_decisions_total", "Rate-limit decisions", ["upstream", "decision", "source"], registry=r)
-        self.redis_errors = Counter("gateway_redis_errors_total", "Redis operations that failed", ["operation"], registry=r)
-        self.redis_fallback = Gauge("gateway_ratelimit_fallback", "1 while rate limiting runs without Redis", registry=r)
+        self.redis_errors = Counter("gateway_redis_errors_total", "Redis operations that failed or were skipped during an outage cool-down", ["operation"], registry=r)
+        self.reloads = Counter("gateway_config_reloads_total", "Configuration reloads by result", ["result"], registry=r)
+        self.config_loaded = Gauge("gateway_config_loaded_timestamp_seconds", "When the running configuration was loaded (epoch s)", registry=r)
         self.coalesced = Counter("gateway_dedupe_total", "Requests answered from another request's invocation", ["upstream", "kind"], registry=r)
+        self.config_loaded.set_to_current_time()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
     def record_breaker_transition(self, upstream: str, function: str, old: str, new: str) -> None:
         self.breaker_transitions.labels(upstream, new).inc()
-        self.breaker_state.labels(upstream, function, old).set(0)
-        self.breaker_state.labels(upstream, function, new).set(1)
+
+    def record_reload(self, accepted: bool) -> None:
+        self.reloads.labels("accepted" if accepted else "rejected").inc()
+        if accepted:
+            self.config_loaded.set_to_current_time()
+
+    def watch_state(self, breakers: "BreakerRegistry", store: "RedisStore | None", on_redis_error: str) -> None:
+        """Export breaker and Redis state, read from their owners at each scrape."""
+        self.registry.register(StateCollector(breakers, store, on_redis_error))
+
+    def counts(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """(labels, value) of every sample of the counter `name` (without `_total`)."""
+        return [
+            (sample.labels, sample.value)
+            for family in self.registry.collect()
+            if family.name == name
+            for sample in family.samples
+            if sample.name == name + "_total"
+        ]
+
+
+class StateCollector(Collector):
+    """Gauges computed at scrape time from the breaker registry and the Redis store."""
+
+    def __init__(self, breakers: "BreakerRegistry", store: "RedisStore | None", on_redis_error: str) -> None:
+        self._breakers = breakers
+        self._store = store
+        self._mode = on_redis_error
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._breaker_families()
+        if self._store is not None:
+            yield from self._redis_families(self._store)
+
+    def _breaker_families(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily("gateway_breaker_state", "1 for the state each breaker is in", labels=["upstream", "function", "state"])
+        left = GaugeMetricFamily("gateway_breaker_open_remaining_seconds", "Seconds until an open breaker lets a probe through", labels=["upstream", "function"])
+        for breaker in self._breakers.snapshot():
+            key = [breaker["upstream"], breaker["function"]]
+            for name in BREAKER_STATES:
+                state.add_metric([*key, name], 1.0 if breaker["state"] == name else 0.0)
+            left.add_metric(key, breaker["open_remaining_s"])
+        yield state
+        yield left
+
+    def _redis_families(self, store: "RedisStore") -> Iterator[Metric]:
+        healthy = store.healthy
+        up = GaugeMetricFamily("gateway_redis_up", "1 while Redis answers, 0 during an outage cool-down")
+        up.add_metric([], 1.0 if healthy else 0.0)
+        fallback = GaugeMetricFamily("gateway_ratelimit_fallback", "1 while rate limiting runs without Redis (on_redis_error mode)", labels=["mode"])
+        fallback.add_metric([self._mode], 0.0 if healthy else 1.0)
+        yield up
+        yield fallback
+
+
+class CountingStore:
+    """A RedisStore that counts the operations it could not do, per operation."""
+
+    def __init__(self, store: "RedisStore", count_error: Callable[[str], None]) -> None:
+        self._store = store
+        self._count_error = count_error
+
+    @property
+    def healthy(self) -> bool:
+        return self._store.healthy
+
+    def cooldown_left_s(self) -> float:
+        return self._store.cooldown_left_s()
+
+    async def ping(self) -> bool:
+        return await self._store.ping()
+
+    async def take_token(self, key: str, rate: float, per_s: float, burst: int) -> tuple[bool, int, float, float]:
+        return await self._counted("take_token", self._store.take_token(key, rate, per_s, burst))
+
+    async def set_value(self, key: str, value: bytes, ttl_s: float, only_if_absent: bool = False) -> bool:
+        return await self._counted("set", self._store.set_value(key, value, ttl_s, only_if_absent))
+
+    async def get_value(self, key: str) -> bytes | None:
+        return await self._counted("get", self._store.get_value(key))
+
+    async def delete(self, key: str) -> None:
+        return await self._counted("delete", self._store.delete(key))
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        return await self._counted("publish", self._store.publish(channel, message))
+
+    def subscribe(self, channel: str) -> AsyncIterator[bytes]:
+        return self._store.subscribe(channel)
+
+    async def aclose(self) -> None:
+        await self._store.aclose()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def _counted(self, operation: str, call: Any) -> Any:
+        try:
+            return await call
+        except StoreUnavailable:
+            self._count_error(operation)
+            raise
 
 
 class AccessLog:
     """One JSON line per request on the `gateway.access` logger. Never headers, never bodies."""
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(self, logger: logging.Logger | None = None, wall_clock: Callable[[], float] = time.time) -> None:
         self._logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self._wall_clock = wall_clock
+        self._pid = os.getpid()
 
     def write(self, record: AccessRecord) -> None:
         if not self._logger.isEnabledFor(logging.INFO):
             return
-        line = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+        self._logger.info(orjson.dumps(self.line(record)).decode())
+
+    def line(self, record: AccessRecord) -> dict[str, Any]:
+        line: dict[str, Any] = {
+            "time": format_time(self._wall_clock()),
             "request_id": record.request_id,
             "method": record.method,
             "route": record.route,
@@ -78,10 +202,17 @@ class AccessLog:
             "class": record.error_class,
             "attempts": record.attempts,
             "duration_ms": round(record.duration_s * 1000, 3),
+            "pid": self._pid,
         }
         if record.replayed:
             line["replayed"] = True
-        self._logger.info(orjson.dumps(line).decode())
+        return line
+
+
+def format_time(epoch_s: float) -> str:
+    """RFC 3339 UTC with milliseconds: 2026-01-31T12:00:00.123Z."""
+    millis = int(epoch_s * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{millis:03d}Z"
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -95,6 +226,16 @@ def configure_logging(level: str = "INFO") -> None:
     events = logging.getLogger("gateway")
     if not events.handlers:
         other = logging.StreamHandler(sys.stderr)
-        other.setFormatter(logging.Formatter('{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":%(message)r}'))
+        other.setFormatter(JsonEventFormatter())
         events.addHandler(other)
     events.setLevel(level)
+
+
+class JsonEventFormatter(logging.Formatter):
+    """Event logs (not the access log) as one JSON object per line, exceptions included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {"time": format_time(record.created), "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
