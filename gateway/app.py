@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway.breakers import BreakerKey, BreakerPolicy, BreakerRegistry, BreakerReplicator
-from gateway.observability import AccessLog, Metrics
+from gateway.observability import AccessLog, CountingStore, Metrics
 from gateway.pipeline import Pipeline, UpstreamPlan
 from gateway.ratelimit import BucketPolicy, MemoryRateLimiter, RedisRateLimiter
 from gateway.retry import RetryBudget
@@ -31,6 +32,7 @@ from gateway.settings import Settings, load_settings
 from gateway.sigv4 import RequestSigner, signer_if_needed
 from gateway.store import RedisStore
 from gateway.upstream import UpstreamClient
+from gateway.yamlsource import ConfigError
 
 log = logging.getLogger("gateway.app")
 
@@ -116,7 +118,15 @@ def _plan(name: str, settings: Settings) -> UpstreamPlan:
 class Gateway:
     """The ASGI entry point: the proxy pipeline for upstream routes, Starlette for the rest."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        reload_on_sighup: bool = False,
+        announce_reload: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self._clock = clock
         self._wall_clock = wall_clock
@@ -124,6 +134,9 @@ class Gateway:
         self.services: Services | None = None
         self.replica_id = uuid.uuid4().hex[:12]
         self._reload_lock = asyncio.Lock()
+        self._reload_on_sighup = reload_on_sighup
+        self._announce_reload = announce_reload
+        self._signal_reloads: set[asyncio.Task[None]] = set()
         self.ops = Starlette(routes=self._ops_routes(), lifespan=self._lifespan)
 
     def _ops_routes(self) -> list[Route]:
@@ -151,12 +164,17 @@ class Gateway:
     async def start(self) -> None:
         self.services = await build_services(self.settings, self._clock, self._wall_clock, self.replica_id)
         self.runtime = Runtime(self.settings, self.services)
+        if self._reload_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         log.info("gateway started with %s", self.settings.source)
 
     async def stop(self) -> None:
         services = self.services
         if services is None:
             return
+        if self._reload_on_sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # SIGHUP's default would kill a draining process
         if services.replicator is not None:
             await services.replicator.stop()
         await services.upstream.aclose()
@@ -173,11 +191,37 @@ class Gateway:
     async def reload_from(self, path: Path) -> Settings:
         """Load, validate and swap; raises ConfigError and keeps the running configuration."""
         async with self._reload_lock:
-            settings = await asyncio.to_thread(load_settings, path)
+            try:
+                settings = await asyncio.to_thread(load_settings, path)
+            except ConfigError as exc:
+                self._note_reload(False, f"configuration {path} rejected: " + "; ".join(map(str, exc.problems)))
+                raise
             if settings.config.state != self.settings.config.state:
                 log.warning("state settings changed: they take effect at the next restart")
             self.swap(settings)
+            self._note_reload(True, f"configuration reloaded from {path}")
             return settings
+
+    async def reload_everywhere(self) -> Settings:
+        """The admin API's reload: this process now, then its sibling workers (via the supervisor)."""
+        settings = await self.reload_from(Path(self.settings.source))
+        if self._announce_reload is not None:
+            self._announce_reload()
+        return settings
+
+    def _note_reload(self, accepted: bool, message: str) -> None:
+        if self.services is not None:
+            self.services.metrics.record_reload(accepted)
+        log.log(logging.INFO if accepted else logging.ERROR, message)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_quietly())
+        self._signal_reloads.add(task)
+        task.add_done_callback(self._signal_reloads.discard)
+
+    async def _reload_quietly(self) -> None:
+        with contextlib.suppress(ConfigError):  # already logged and counted; the old configuration stays
+            await self.reload_from(Path(self.settings.source))
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         services = self.services
@@ -203,13 +247,15 @@ async def build_services(settings: Settings, clock: Callable[[], float], wall_cl
     replicator: BreakerReplicator | None = None
     if config.state.redis_url:
         store = RedisStore.from_url(config.state.redis_url, timeout_s=config.state.redis_timeout_s, max_connections=config.state.redis_max_connections, clock=clock)
-        limiter: Any = RedisRateLimiter(store, config.state.on_redis_error, clock)
-        replicator = BreakerReplicator(breakers, store, replica_id=replica_id)
+        counted: Any = CountingStore(store, lambda operation: metrics.redis_errors.labels(operation).inc())
+        limiter: Any = RedisRateLimiter(counted, config.state.on_redis_error, clock)
+        replicator = BreakerReplicator(breakers, counted, replica_id=replica_id)
         replicator.start()
     else:
         limiter = MemoryRateLimiter(clock)
+    metrics.watch_state(breakers, store, config.state.on_redis_error)
     signer = signer_if_needed(config)
-    return Services(upstream, limiter, breakers, metrics, AccessLog(), clock, wall_clock, random.random, store, replicator, signer)
+    return Services(upstream, limiter, breakers, metrics, AccessLog(wall_clock=wall_clock), clock, wall_clock, random.random, store, replicator, signer)
 
 
 def _transition_logger(metrics: Metrics) -> Callable[[BreakerKey, str, str], None]:

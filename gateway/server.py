@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import http
+import logging
 import os
+import signal
 from pathlib import Path
 
 import uuid
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 from gateway.app import Gateway, create_app
 from gateway.envelope import ProblemContext, render_gateway_error
 from gateway.outcomes import ErrorClass, Outcome
 from gateway.observability import configure_logging
 from gateway.settings import load_settings
+from gateway.yamlsource import ConfigError
 
 CONFIG_ENV = "GATEWAY_CONFIG"
+SUPERVISOR_ENV = "GATEWAY_SUPERVISOR_PID"
+log = logging.getLogger("gateway.server")
 
 
 def allow_nonstandard_statuses() -> None:
@@ -60,11 +66,41 @@ def app_from_environment() -> Gateway:
     """uvicorn factory for worker processes: each worker loads the file named by GATEWAY_CONFIG."""
     allow_nonstandard_statuses()
     configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
-    return create_app(load_settings(Path(os.environ[CONFIG_ENV])))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the lifespan installs the reload handler
+    supervisor = _supervisor_pid()
+    announce = None if supervisor is None else lambda: os.kill(supervisor, signal.SIGHUP)
+    return create_app(load_settings(Path(os.environ[CONFIG_ENV])), reload_on_sighup=True, announce_reload=announce)
+
+
+def _supervisor_pid() -> int | None:
+    """The supervisor's pid when this process is one of its workers."""
+    value = os.environ.get(SUPERVISOR_ENV)
+    return int(value) if value and int(value) == os.getppid() else None
+
+
+class GatewaySupervisor(Multiprocess):
+    """uvicorn's worker supervisor, except that SIGHUP reloads the workers in place.
+
+    uvicorn's own SIGHUP handler replaces every worker, which drops breaker state and would
+    start workers on a file nobody checked. Here the file is checked first; only a valid one
+    is announced, by forwarding SIGHUP to each worker, which reloads it as a single process does.
+    """
+
+    def handle_hup(self) -> None:
+        path = Path(os.environ[CONFIG_ENV])
+        try:
+            load_settings(path)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration %s rejected, workers keep theirs: %s", path, "; ".join(map(str, exc.problems)))
+            return
+        for worker in self.processes:
+            if worker.pid is not None and worker.exitcode is None:
+                os.kill(worker.pid, signal.SIGHUP)
 
 
 def serve(config_path: Path, host: str, port: int, workers: int, grace_s: float) -> None:
     allow_nonstandard_statuses()
+    configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
     os.environ[CONFIG_ENV] = str(config_path.resolve())
     options = dict(
         host=host,
@@ -81,6 +117,16 @@ def serve(config_path: Path, host: str, port: int, workers: int, grace_s: float)
         log_level="warning",
     )
     if workers > 1:
-        uvicorn.run("gateway.server:app_from_environment", factory=True, workers=workers, **options)
+        run_workers(uvicorn.Config("gateway.server:app_from_environment", factory=True, workers=workers, **options))
     else:
         uvicorn.run(app_from_environment(), **options)
+
+
+def run_workers(config: uvicorn.Config) -> None:
+    """What `uvicorn.run` does for workers > 1, with the reloading supervisor."""
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())
+    socket = config.bind_socket()
+    try:
+        GatewaySupervisor(config, sockets=[socket]).run()
+    finally:
+        socket.close()
