@@ -113,6 +113,9 @@ class UpstreamClient:
             read_bufsize=self._read_bufsize,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        # aiohttp silently resends GET/PUT/DELETE once on a reset; every resend must be a counted,
+        # budgeted attempt of ours (there is no public switch: aiohttp's own test client does this)
+        self._session._retry_connection = False
 
     async def aclose(self) -> None:
         if self._session is not None:
