@@ -295,16 +295,21 @@ class Pipeline:
         exchange.attempts += 1
         request = self._upstream_request(exchange, plan, body)
         started = self.rt.clock()
+        if body.replayable:
+            exchange.watch_disconnect()  # the body is read: a client leaving mid-call can be heard
         try:
-            result = await self.rt.upstream.send(request, plan.config.timeouts.connect_s, min(plan.config.timeouts.per_try_s, remaining))
-            answer = await self._evaluate(plan, result, deadline)
+            answer = await _unless_client_leaves(exchange, self._call(plan, request, remaining, deadline))
         except BaseException:
-            admission.release()  # a cancelled request is not a failure
+            admission.release()  # a cancelled or abandoned request is not a failure
             raise
         self.rt.metrics.upstream_latency.labels(plan.name).observe(self.rt.clock() - started)
         self.rt.metrics.attempts.labels(plan.name, answer.outcome.error_class.value if answer.outcome.error_class else "success").inc()
         _record(admission, answer.outcome)
         return answer
+
+    async def _call(self, plan: UpstreamPlan, request: UpstreamRequest, remaining: float, deadline: float) -> "Answer":
+        result = await self.rt.upstream.send(request, plan.config.timeouts.connect_s, min(plan.config.timeouts.per_try_s, remaining))
+        return await self._evaluate(plan, result, deadline)
 
     def _upstream_request(self, exchange: Exchange, plan: UpstreamPlan, body: RequestBody) -> UpstreamRequest:
         scope = exchange.scope
@@ -475,6 +480,30 @@ class RuntimeView:
     def bucket_policy(self, account: str | None) -> BucketPolicy: ...
 
     def budget(self, plan: UpstreamPlan) -> RetryBudget: ...
+
+
+async def _unless_client_leaves(exchange: Exchange, call: Awaitable["Answer"]) -> "Answer":
+    """Await `call`; if the client disconnects first, cancel it and raise ClientDisconnected.
+
+    uvicorn does not cancel a request whose client left: without this, the attempt would run
+    on and its outcome (a slow failure, a per-try timeout) would be held against the breaker.
+    """
+    watch = exchange.disconnect_watch
+    if watch is None:
+        return await call
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is None:
+        task.result().discard()  # it finished while being cancelled: nobody wants the answer
+    raise ClientDisconnected()
 
 
 def _record(admission: Admission, outcome: Outcome) -> None:
