@@ -235,7 +235,7 @@ class JsonEventFormatter(logging.Formatter):
     """Event logs (not the access log) as one JSON object per line, exceptions included."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {"time": format_time(record.created), "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        line: dict[str, Any] = {"time": format_time(record.created), "level": record.levelname, "logger": record.name, "pid": record.process, "message": record.getMessage()}
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line).decode()
