@@ -31,8 +31,9 @@ published on `gw:breakers`; a listener task applies other replicas' opens with
 `force_open`; a breaker created on this replica queues a background read of its key, so a
 replica that starts late still learns about opens in progress. Once its own hello comes back
 on the channel (the subscription is live), the replicator also reads the key of every breaker
-it already has. No request waits on Redis; if Redis is down, each replica's breakers still
-protect it alone.
+it already has. An admin reset travels the same way: the key is deleted and a reset is
+published, which the other replicas apply without announcing it again. No request waits on
+Redis; if Redis is down, each replica's breakers still protect it alone.
 
 Use, once per upstream attempt::
 
@@ -130,6 +131,8 @@ class BreakerObserver(Protocol):
     def breaker_created(self, key: BreakerKey) -> None: ...
 
     def breaker_opened(self, key: BreakerKey, opened_at: float, reset_timeout_s: float) -> None: ...
+
+    def breaker_reset(self, key: BreakerKey) -> None: ...
 
 
 class _ClockedStorage(CircuitMemoryStorage):
@@ -375,6 +378,16 @@ class BreakerRegistry:
         if breaker is None:
             return False
         breaker.reset()
+        for observer in self._observers:
+            observer.breaker_reset(breaker.key)
+        return True
+
+    def apply_reset(self, key: BreakerKey) -> bool:
+        """Close `key` as an operator did on another replica (not announced again)."""
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            return False
+        breaker.reset()
         return True
 
     def force_open(self, key: BreakerKey, opened_at: float, reset_timeout_s: float) -> None:
@@ -454,12 +467,20 @@ class BreakerStore(Protocol):
 
     async def get_value(self, key: str) -> bytes | None: ...
 
+    async def delete(self, key: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class RemoteOpen:
     key: BreakerKey
     opened_at: float
     reset_timeout_s: float
+    replica_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteReset:
+    key: BreakerKey
     replica_id: str
 
 
@@ -500,14 +521,40 @@ def decode_open(raw: bytes) -> RemoteOpen | None:
     return RemoteOpen(key, float(opened_at), float(reset_timeout_s), replica_id)
 
 
+def encode_reset(event: RemoteReset) -> bytes:
+    return orjson.dumps(
+        {
+            "reset": True,
+            "upstream": event.key.upstream,
+            "function": event.key.function,
+            "replica_id": event.replica_id,
+        }
+    )
+
+
+def decode_reset(raw: bytes) -> RemoteReset | None:
+    """The reset announced by `raw`, or None for anything that is not a well-formed reset."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or data.get("reset") is not True:
+        return None
+    upstream, function, replica_id = data.get("upstream"), data.get("function"), data.get("replica_id")
+    if not all(isinstance(text, str) for text in (upstream, function, replica_id)):
+        return None
+    return RemoteReset(BreakerKey(upstream, function), replica_id)
+
+
 def _is_finite_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class BreakerReplicator:
-    """Shares breaker opens between replicas through the store, off the request path.
+    """Shares breaker opens (and operators' resets) between replicas through the store, off
+    the request path.
 
-    `replica_id` must be unique per process: an open is not applied back to its sender.
+    `replica_id` must be unique per process: an event is not applied back to its sender.
     Until its own hello comes back on the channel, the replicator announces itself every
     `hello_interval_s`; once it does, the subscription is live, and every breaker already
     known is read from the store so that opens published before that moment are not missed.
@@ -529,7 +576,7 @@ class BreakerReplicator:
         self._hello = orjson.dumps({"hello": replica_id})
         self._hello_interval_s = hello_interval_s
         self._sleep = sleep
-        self._opens: asyncio.Queue[RemoteOpen] = asyncio.Queue(maxsize=queue_max)
+        self._opens: asyncio.Queue[RemoteOpen | RemoteReset] = asyncio.Queue(maxsize=queue_max)
         self._fetches: asyncio.Queue[BreakerKey] = asyncio.Queue(maxsize=queue_max)
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -568,11 +615,17 @@ class BreakerReplicator:
         if not self._enqueue(self._opens, event):
             logger.warning("breaker replication busy, not publishing the open of %s", key)
 
+    def breaker_reset(self, key: BreakerKey) -> None:
+        if not self._enqueue(self._opens, RemoteReset(key, self._replica_id)):
+            logger.warning("breaker replication busy, not publishing the reset of %s", key)
+
     def apply(self, raw: bytes) -> bool:
-        """Apply one message from the channel; True when it opened (or extended) a breaker."""
-        event = decode_open(raw)
+        """Apply one message from the channel; True when it opened, extended or reset a breaker."""
+        event = decode_open(raw) or decode_reset(raw)
         if event is None or event.replica_id == self._replica_id:
             return False
+        if isinstance(event, RemoteReset):
+            return self._registry.apply_reset(event.key)
         self._registry.force_open(event.key, event.opened_at, event.reset_timeout_s)
         return True
 
@@ -587,13 +640,21 @@ class BreakerReplicator:
     async def _publish_opens(self) -> None:
         while True:
             event = await self._opens.get()
-            message = encode_open(event)
             try:
-                await self._store.set_value(store_key(event.key), message, event.reset_timeout_s)
-                await self._store.publish(CHANNEL, message)
+                await self._publish(event)
             except StoreUnavailable as error:
                 # Best effort: each replica's own breakers still protect it.
-                logger.warning("could not publish the breaker open of %s: %s", event.key, error)
+                logger.warning("could not publish the breaker event of %s: %s", event.key, error)
+
+    async def _publish(self, event: RemoteOpen | RemoteReset) -> None:
+        if isinstance(event, RemoteReset):
+            # The key goes first: a replica starting meanwhile must not load the open again.
+            await self._store.delete(store_key(event.key))
+            await self._store.publish(CHANNEL, encode_reset(event))
+            return
+        message = encode_open(event)
+        await self._store.set_value(store_key(event.key), message, event.reset_timeout_s)
+        await self._store.publish(CHANNEL, message)
 
     async def _fetch_keys(self) -> None:
         while True:
