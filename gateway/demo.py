@@ -82,7 +82,7 @@ async def _run(host: str, port: int) -> None:
         DEMO_CONFIG.format(host=host, port=port, liveperson=simulators["liveperson"].url, lambda_=simulators["lambda"].url, yuanrong=simulators["yuanrong"].url, http=simulators["http"].url)
     )
     app = create_app(load_settings(config_path))
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http=GatewayHttpProtocol, lifespan="on", server_header=False, date_header=False, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http=GatewayHttpProtocol, lifespan="on", server_header=False, date_header=False, proxy_headers=False, log_level="warning"))
     base = f"http://{host}:{port}"
     print(f"gateway demo: listening on {base} (configuration: {config_path})\n")
     for name, dialect in (("lp", "liveperson"), ("aws", "lambda"), ("yr", "yuanrong"), ("web", "http")):

@@ -59,7 +59,7 @@ async def running_gateway(config_path: Path, host: str = "127.0.0.1", port: int 
     allow_nonstandard_statuses()
     app = create_app(load_settings(config_path))
     port = port or free_port(host)
-    config = uvicorn.Config(app, host=host, port=port, loop="none", http=GatewayHttpProtocol, lifespan="on", log_level="warning", server_header=False, date_header=False)
+    config = uvicorn.Config(app, host=host, port=port, loop="none", http=GatewayHttpProtocol, lifespan="on", log_level="warning", server_header=False, date_header=False, proxy_headers=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
