@@ -55,7 +55,10 @@ def needs_inspection(pack: CompiledPack, status: int, headers: Mapping[str, str]
     """True when the response may be an error and its (bounded) body must be read."""
     if 200 <= status < 400:
         return any(name in headers for name in pack.inspect_headers)
-    return True
+    if 400 <= status < 600:
+        return True
+    # a non-standard status no rule can match (901 on a plain HTTP route) is an answer: relay it
+    return any(rule.status is None or matches(rule.status, status) for rule in pack.pack.rules)
 
 
 def parse_error_body(raw: bytes | None) -> Any:
