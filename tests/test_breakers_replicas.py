@@ -19,7 +19,21 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.breakers import BreakerKey, store_key
+from gateway.breakers import (
+    Admission,
+    BreakerKey,
+    BreakerPolicy,
+    BreakerRegistry,
+    BreakerReplicator,
+    RemoteOpen,
+    RemoteReset,
+    decode_open,
+    decode_reset,
+    encode_open,
+    encode_reset,
+    store_key,
+)
+from gateway.store import RedisStore
 from gateway.simulators import Reply, SimulatedUpstream
 from tests.harness import GatewayProcess, gateway_process, simulated, upstream_config, write_config
 from tests.redis_servers import RedisProcess, redis_server, send_command  # noqa: F401 (fixture)
@@ -94,8 +108,7 @@ async def open_on(replica: Replica, upstream: SimulatedUpstream) -> float:
 
 
 def key_exists(redis: RedisProcess) -> bool:
-    reply = send_command(redis.port, "EXISTS", store_key(BreakerKey("up", FUNCTION)))
-    return reply.strip() == b":1"
+    return key_exists_for(redis, FUNCTION)
 
 
 async def test_an_open_on_one_process_is_seen_on_the_other_within_a_second(tmp_path: Path, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,3 +156,77 @@ async def until_gone(redis: RedisProcess) -> None:
     async with asyncio.timeout(SEEN_WITHIN_S):
         while key_exists(redis):
             await asyncio.sleep(0.02)
+
+
+# --- the reset message, and replicators in one process ------------------------------------
+
+
+def test_reset_messages_round_trip_and_are_never_taken_for_opens() -> None:
+    reset = RemoteReset(BreakerKey("up", "f"), "replica-a")
+    opened = RemoteOpen(BreakerKey("up", "f"), 1_700_000_000.0, 30.0, "replica-a")
+    assert decode_reset(encode_reset(reset)) == reset
+    assert decode_open(encode_reset(reset)) is None
+    assert decode_reset(encode_open(opened)) is None
+    for raw in (b"", b"[]", b'{"reset": 1, "upstream": "up", "function": "f", "replica_id": "x"}', b'{"reset": true, "upstream": "up"}'):
+        assert decode_reset(raw) is None
+
+
+class Transitions(list[tuple[str, str]]):
+    """The registry's on_transition hook, keeping (old, new) in order."""
+
+    def __call__(self, key: BreakerKey, old: str, new: str) -> None:
+        self.append((old, new))
+
+
+@dataclass
+class InProcess:
+    registry: BreakerRegistry
+    replicator: BreakerReplicator
+    store: RedisStore
+    transitions: Transitions
+
+
+@contextlib.asynccontextmanager
+async def in_process(url: str, *names: str) -> AsyncIterator[list[InProcess]]:
+    started: list[InProcess] = []
+    try:
+        for name in names:
+            transitions = Transitions()
+            registry = BreakerRegistry(time.time, transitions)
+            store = RedisStore.from_url(url, timeout_s=0.5, clock=time.monotonic)
+            replicator = BreakerReplicator(registry, store, replica_id=name)
+            started.append(InProcess(registry, replicator, store, transitions))
+            replicator.start()
+        async with asyncio.timeout(SEEN_WITHIN_S * 5):
+            await asyncio.gather(*(r.replicator.wait_subscribed() for r in started))
+        yield started
+    finally:
+        for replica in started:
+            await replica.replicator.stop()
+            await replica.store.aclose()
+
+
+async def test_a_replicated_reset_is_applied_once_and_not_echoed(redis_server: RedisProcess) -> None:
+    policy = BreakerPolicy(fail_max=2, reset_timeout_s=RESET_TIMEOUT_S)
+    async with in_process(redis_server.url, "replica-a", "replica-b") as (a, b):
+        for _ in range(policy.fail_max):
+            decision = a.registry.admit("up", "f", policy)
+            assert isinstance(decision, Admission)
+            decision.record_failure()
+        async with asyncio.timeout(SEEN_WITHIN_S):
+            while b.transitions != [("closed", "open")]:
+                await asyncio.sleep(0.01)
+
+        assert b.registry.reset("up", "f")
+        async with asyncio.timeout(SEEN_WITHIN_S):
+            while a.transitions != [("closed", "open"), ("open", "closed")]:
+                await asyncio.sleep(0.01)
+        assert not key_exists_for(redis_server, "f")
+        await asyncio.sleep(0.2)  # time enough for an echo, were there one
+        assert a.transitions == b.transitions == [("closed", "open"), ("open", "closed")]
+        assert isinstance(a.registry.admit("up", "f", policy), Admission)
+        assert not b.replicator.apply(encode_reset(RemoteReset(BreakerKey("up", "unknown"), "replica-a")))
+
+
+def key_exists_for(redis: RedisProcess, function: str) -> bool:
+    return send_command(redis.port, "EXISTS", store_key(BreakerKey("up", function))).strip() == b":1"
