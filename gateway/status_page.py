@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 STATIC_TYPES = {"status.html": "text/html; charset=utf-8", "login.html": "text/html; charset=utf-8", "status.js": "text/javascript; charset=utf-8", "status.css": "text/css; charset=utf-8"}
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
