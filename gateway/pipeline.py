@@ -89,6 +89,7 @@ class Exchange:
     replayed: bool = False
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     disconnect_watch: asyncio.Future[Any] | None = None
+    body_failure: Exception | None = None  # why a streamed body stopped: aiohttp reports only a broken connection
 
     def problem_context(self, type_base: str) -> ProblemContext:
         return ProblemContext(self.plan.name if self.plan else None, self.attempts, self.request_id, type_base)
@@ -173,7 +174,10 @@ class Pipeline:
             body = await self._read_body(exchange)
         except BodyTooLarge:
             return await self._respond_too_large(exchange)
-        answer = await self.forward(exchange, body)
+        try:
+            answer = await self.forward(exchange, body)
+        except BodyTooLarge:  # a streamed body went over the limit: the upstream got a truncated request
+            return await self._respond_too_large(exchange)
         await self.respond(exchange, answer)
 
     # --- stage 4: account and token bucket -------------------------------------------------
@@ -232,16 +236,20 @@ class Pipeline:
     async def _rest_of_body(self, exchange: Exchange, head: list[bytes], size: int, more: bool) -> AsyncIterator[bytes]:
         for chunk in head:
             yield chunk
-        while more:
-            message = await exchange.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected()
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
-            size += len(chunk)
-            if size > self.rt.max_body_bytes:
-                raise BodyTooLarge()
-            yield chunk
+        try:
+            while more:
+                message = await exchange.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnected()
+                chunk = message.get("body", b"")
+                more = message.get("more_body", False)
+                size += len(chunk)
+                if size > self.rt.max_body_bytes:
+                    raise BodyTooLarge()
+                yield chunk
+        except (BodyTooLarge, ClientDisconnected) as exc:
+            exchange.body_failure = exc
+            raise
 
     # --- stage 7: attempts ------------------------------------------------------------------
 
@@ -299,6 +307,9 @@ class Pipeline:
             exchange.watch_disconnect()  # the body is read: a client leaving mid-call can be heard
         try:
             answer = await _unless_client_leaves(exchange, self._call(plan, request, remaining, deadline))
+            if exchange.body_failure is not None:  # the caller's fault, not the upstream's: no breaker record
+                answer.discard()
+                raise exchange.body_failure
         except BaseException:
             admission.release()  # a cancelled or abandoned request is not a failure
             raise
