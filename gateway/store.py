@@ -43,6 +43,11 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # redis-py before 7 has no maintenance notifications to turn off
+    MaintNotificationsConfig = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -293,7 +298,21 @@ def connection_kwargs(options: StoreOptions, *, listening: bool) -> dict[str, An
         "socket_connect_timeout": options.timeout_s,
         "retry": Retry(NoBackoff(), 0),
         "max_connections": options.max_connections,
+        **without_maintenance_notifications(),
     }
+
+
+def without_maintenance_notifications() -> dict[str, Any]:
+    """Turn off redis-py's maintenance notifications (default "auto" since redis-py 7).
+
+    While they are on, the pool skips its check for connections the server has closed, so
+    after an outage each stale pooled connection fails one call and reopens the outage
+    breaker (recovery flaps for several cool-downs); they may also relax socket timeouts to
+    10 s during a server's maintenance. Neither suits a store that must fail fast.
+    """
+    if MaintNotificationsConfig is None:
+        return {}
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 
 def build_standalone_client(
@@ -314,6 +333,7 @@ def build_sentinel_client(url: str, kwargs: dict[str, Any]) -> aioredis.Redis:
         "socket_timeout": kwargs["socket_connect_timeout"],
         "socket_connect_timeout": kwargs["socket_connect_timeout"],
         "retry": Retry(NoBackoff(), 0),
+        **without_maintenance_notifications(),
     }
     sentinel = Sentinel(
         list(parts.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs, **parts.credentials
