@@ -13,6 +13,9 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+import yaml
+
+from gateway.cli import run_check
 
 from tests.harness import REPO, GatewayProcess, free_port, gateway_process, simulated, upstream_config, write_config
 from tests.redis_servers import RedisProcess
@@ -104,3 +107,51 @@ async def wait_until_refused(url: str, timeout_s: float = 10.0) -> bool:
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+# --- deploy/: what Kubernetes and compose are given ------------------------------------------
+
+DEPLOY = REPO / "deploy"
+
+
+def manifests() -> list[dict]:
+    documents = []
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        documents += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return documents
+
+
+def test_kubernetes_manifests_have_probes_config_service_autoscaler_and_redis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = manifests()
+    by_kind: dict[str, list[dict]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    assert {"Deployment", "ConfigMap", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Namespace"} <= set(by_kind)
+    gateway = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "gateway")
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["args"][container["args"].index("--workers") + 1] == "1"
+    redis = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "gateway-redis")
+    assert redis["spec"]["template"]["spec"]["containers"][0]["image"].startswith("redis:")
+    hpa = by_kind["HorizontalPodAutoscaler"][0]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "gateway" and hpa["spec"]["minReplicas"] >= 2
+
+    config_text = by_kind["ConfigMap"][0]["data"]["gateway.yaml"]
+    config = write_config(tmp_path, config_text)
+    assert run_check(config) == 0, capsys.readouterr().err
+    settings = yaml.safe_load(config_text)
+    assert container["ports"][0]["containerPort"] == settings["server"]["port"]
+    assert settings["state"]["redis_url"].startswith("redis://gateway-redis:")
+    grace = gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > settings["server"]["shutdown_grace_s"] + int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    kustomized = set(yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())["resources"])
+    assert kustomized == {p.name for p in (DEPLOY / "kubernetes").glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_compose_stack_config_passes_check(capsys: pytest.CaptureFixture[str]) -> None:
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    assert {"gateway", "redis"} <= set(compose["services"])
+    gateway = compose["services"]["gateway"]
+    assert "--workers" in gateway["command"] and gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert run_check(DEPLOY / "compose" / "config" / "gateway.yaml") == 0, capsys.readouterr().err
