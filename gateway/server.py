@@ -42,10 +42,12 @@ def allow_nonstandard_statuses() -> None:
 
 
 def _phrase(status: int) -> bytes:
+    """The standard phrase, else none: the upstream's own phrase cannot be relayed through ASGI,
+    and an empty one is what the simulators send and what clients show as absent (statusText)."""
     try:
         return http.HTTPStatus(status).phrase.encode()
     except ValueError:
-        return b"Function Error" if status == 901 else b""
+        return b""
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
