@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway.breakers import BreakerKey, BreakerPolicy, BreakerRegistry, BreakerReplicator
+from gateway.dedupe import DedupeGate, Deduper, build_deduper
 from gateway.observability import AccessLog, CountingStore, Metrics
 from gateway.pipeline import Pipeline, UpstreamPlan
 from gateway.ratelimit import BucketPolicy, MemoryRateLimiter, RedisRateLimiter
@@ -55,6 +56,7 @@ class Services:
     replicator: BreakerReplicator | None = None
     signer: RequestSigner | None = None
     budgets: dict[str, RetryBudget] = field(default_factory=dict)
+    deduper: Deduper | None = None
 
 
 class Runtime:
@@ -84,6 +86,7 @@ class Runtime:
         self._account_buckets = {a: BucketPolicy(a, b.rate, b.per_s, b.burst) for a, b in limits.accounts.items()}
         for plan in self.plans.values():
             self.budget(plan)
+        self.dedupe = DedupeGate(services.deduper, config)
         self.pipeline = Pipeline(self)
 
     def bucket_policy(self, account: str | None) -> BucketPolicy:
@@ -177,6 +180,8 @@ class Gateway:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # SIGHUP's default would kill a draining process
         if services.replicator is not None:
             await services.replicator.stop()
+        if services.deduper is not None:
+            await services.deduper.aclose()
         await services.upstream.aclose()
         if services.store is not None:
             await services.store.aclose()
@@ -251,11 +256,13 @@ async def build_services(settings: Settings, clock: Callable[[], float], wall_cl
         limiter: Any = RedisRateLimiter(counted, config.state.on_redis_error, clock)
         replicator = BreakerReplicator(breakers, counted, replica_id=replica_id)
         replicator.start()
+        deduper = build_deduper(config, counted, metrics, clock)
     else:
         limiter = MemoryRateLimiter(clock)
+        deduper = build_deduper(config, None, metrics, clock)
     metrics.watch_state(breakers, store, config.state.on_redis_error)
     signer = signer_if_needed(config)
-    return Services(upstream, limiter, breakers, metrics, AccessLog(wall_clock=wall_clock), clock, wall_clock, random.random, store, replicator, signer)
+    return Services(upstream, limiter, breakers, metrics, AccessLog(wall_clock=wall_clock), clock, wall_clock, random.random, store, replicator, signer, deduper=deduper)
 
 
 def _transition_logger(metrics: Metrics) -> Callable[[BreakerKey, str, str], None]:

@@ -90,13 +90,14 @@ class Exchange:
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     disconnect_watch: asyncio.Future[Any] | None = None
     body_failure: Exception | None = None  # why a streamed body stopped: aiohttp reports only a broken connection
+    shared: bool = False  # one invocation for several callers (gateway.dedupe): a departure only stops its retries
 
     def problem_context(self, type_base: str) -> ProblemContext:
         return ProblemContext(self.plan.name if self.plan else None, self.attempts, self.request_id, type_base)
 
     def client_gone(self) -> bool:
         watch = self.disconnect_watch
-        return watch is not None and watch.done()
+        return watch is not None and watch.done() and not self.shared
 
     def watch_disconnect(self) -> None:
         """Start listening for the client going away (only once the body has been read)."""
@@ -174,6 +175,8 @@ class Pipeline:
             body = await self._read_body(exchange)
         except BodyTooLarge:
             return await self._respond_too_large(exchange)
+        if await self.rt.dedupe.serve(self, exchange, body):
+            return
         try:
             answer = await self.forward(exchange, body)
         except BodyTooLarge:  # a streamed body went over the limit: the upstream got a truncated request
@@ -487,6 +490,7 @@ class RuntimeView:
     max_header_bytes: int
     replay_max_bytes: int
     type_base: str
+    dedupe: Any  # gateway.dedupe.DedupeGate: answers duplicates from one invocation
 
     def bucket_policy(self, account: str | None) -> BucketPolicy: ...
 
@@ -500,7 +504,7 @@ async def _unless_client_leaves(exchange: Exchange, call: Awaitable["Answer"]) -
     on and its outcome (a slow failure, a per-try timeout) would be held against the breaker.
     """
     watch = exchange.disconnect_watch
-    if watch is None:
+    if watch is None or exchange.shared:
         return await call
     task = asyncio.ensure_future(call)
     try:
