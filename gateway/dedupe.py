@@ -371,6 +371,22 @@ class Flight:
         self.ended = False
         self.detached: Exchange | None = None
         self.task: asyncio.Task[None] | None = None
+        self.audience = 1  # the first caller
+        self.deserted = asyncio.Event()
+
+    def join(self) -> None:
+        self.audience += 1
+        self.deserted.clear()
+
+    def leave(self) -> None:
+        self.audience -= 1
+        if self.audience <= 0:
+            self.deserted.set()
+
+    async def receive(self) -> dict[str, Any]:
+        """The detached exchange's client "disconnects" once nobody waits: no retry is started then."""
+        await self.deserted.wait()
+        return {"type": "http.disconnect"}
 
     async def send(self, message: dict[str, Any]) -> None:
         """The ASGI `send` of the detached exchange: the pipeline writes the response here."""
@@ -444,15 +460,14 @@ def _resolve(future: asyncio.Future[Any], value: Any) -> None:
         future.set_result(value)
 
 
-async def _silent_client() -> dict[str, Any]:
-    """The receive of a detached exchange: its client never leaves, so the work goes on."""
-    await asyncio.Event().wait()
-    return {"type": "http.disconnect"}
+def detach(exchange: Exchange, flight: Flight) -> Exchange:
+    """A copy of the exchange whose client is the flight, so the invocation outlives its first caller.
 
-
-def detach(exchange: Exchange, send: Callable[[dict[str, Any]], Awaitable[None]]) -> Exchange:
-    """A copy of the exchange whose client is the flight: the invocation outlives the caller."""
-    return dataclasses.replace(exchange, receive=_silent_client, send=send, extra_headers=[], disconnect_watch=None)
+    `shared` keeps an attempt under way running when callers leave (its outcome may be the
+    function's one run, and the client's retry will want it); the flight's `receive` stops
+    the retries once nobody waits.
+    """
+    return dataclasses.replace(exchange, receive=flight.receive, send=flight.send, extra_headers=[], disconnect_watch=None, shared=True)
 
 
 class Lease:
@@ -515,7 +530,7 @@ class Deduper:
     def _launch(self, key: str, rule: DedupeRule, pipeline: Pipeline, exchange: Exchange, body: bytes) -> Flight:
         assert exchange.plan is not None
         flight = Flight(key, rule, exchange.plan.name)
-        flight.detached = detach(exchange, flight.send)
+        flight.detached = detach(exchange, flight)
         self._flights[key] = flight
         flight.task = asyncio.create_task(self._fly(flight, pipeline, body))
         return flight
@@ -533,6 +548,9 @@ class Deduper:
             await self._stream_live(exchange, flight, head)
         finally:
             flight.stop_listening()
+            flight.leave()
+            assert flight.detached is not None
+            exchange.attempts = flight.detached.attempts
 
     async def _stream_live(self, exchange: Exchange, flight: Flight, head: Head) -> None:
         exchange.status = head.status
@@ -548,17 +566,20 @@ class Deduper:
         flight.live.task_done()
         await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
         assert flight.detached is not None
-        exchange.error_class, exchange.attempts = flight.detached.error_class, flight.detached.attempts
+        exchange.error_class = flight.detached.error_class
 
     async def _follow(self, pipeline: Pipeline, exchange: Exchange, flight: Flight) -> bool:
         """A duplicate: wait for the flight's response; False when it cannot be shared."""
         assert exchange.plan is not None
         deadline = exchange.started + exchange.plan.config.timeouts.total_s
+        flight.join()
         try:
             shared = await self._until(exchange, flight.done, deadline)
         except TimeoutError:
             await pipeline.respond(exchange, Answer.of_gateway(_deadline_passed("the same request was still in flight")))
             return True
+        finally:
+            flight.leave()
         if shared is None:
             return False
         await self._answer_shared(exchange, shared)
