@@ -28,13 +28,21 @@ class RequestSigner:
 
     def sign(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> list[tuple[str, str]]:
         """The headers with the caller's signature replaced by the gateway's own."""
-        kept = [(k, v) for k, v in headers if k.lower() not in _SIGNATURE_HEADERS]
-        host = urlsplit(url).netloc
+        kept = [(k, v) for k, v in headers if k.lower() not in _SIGNATURE_HEADERS and k.lower() != "host"]
+        host = host_header(url)
         request = AWSRequest(method=method, url=url, data=body, headers={"Host": host})
-        region = self._regions.get(host, "us-east-1")
+        region = self._regions.get(urlsplit(url).netloc, "us-east-1")
         SigV4Auth(self._credentials.get_frozen_credentials(), self._service, region).add_auth(request)
         signed = [(k, v) for k, v in request.headers.items() if k.lower() in _SIGNATURE_HEADERS]
-        return [*kept, *signed]
+        return [*kept, ("Host", host), *signed]
+
+
+def host_header(url: str) -> str:
+    """The Host to sign and send: without a default port, as HTTP clients send it ("h:80" -> "h")."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    default = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
+    return netloc[: -len(default)] if default and netloc.endswith(default) else netloc
 
 
 def signer_if_needed(config: GatewayConfig) -> RequestSigner | None:
