@@ -179,12 +179,20 @@ class CountingStore:
 class AccessLog:
     """One JSON line per request on the `gateway.access` logger. Never headers, never bodies."""
 
-    def __init__(self, logger: logging.Logger | None = None, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        annotate: Callable[[AccessRecord], None] | None = None,
+    ) -> None:
         self._logger = logger or logging.getLogger(ACCESS_LOGGER)
         self._wall_clock = wall_clock
+        self._annotate = annotate
         self._pid = os.getpid()
 
     def write(self, record: AccessRecord) -> None:
+        if self._annotate is not None:
+            self._annotate(record)  # the request's span gets the same fields (gateway.tracing)
         if not self._logger.isEnabledFor(logging.INFO):
             return
         self._logger.info(orjson.dumps(self.line(record)).decode())

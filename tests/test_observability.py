@@ -248,3 +248,62 @@ def test_exposition_parses() -> None:
     metrics.watch_state(breakers, None, "local")
     names = {family.name for family in text_string_to_metric_families(metrics.exposition().decode())}
     assert {"gateway_breaker_state", "gateway_breaker_open_remaining_seconds", "gateway_requests"} <= names
+
+
+# --- tracing (OpenTelemetry SDK, in-memory exporter) ---------------------------------------------
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+async def test_a_span_per_request_and_per_attempt_when_a_provider_is_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    import gateway.tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(gateway.tracing, "configured_provider", lambda: provider)
+    async with simulated("liveperson") as sim:
+        config = write_config(tmp_path, gateway_yaml(sim.url))
+        async with running_gateway(config) as gw, gw.client() as client:
+            response = await client.post(invoke("acc1", "flaky"), headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+    assert response.status_code == 200
+    spans = exporter.get_finished_spans()
+    (server,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    attempts = sorted((s for s in spans if s.kind == SpanKind.CLIENT), key=lambda s: s.attributes["gateway.attempt"])
+    assert server.name == f"POST {ROUTE}"
+    assert format(server.context.trace_id, "032x") == CALLER_TRACE and format(server.parent.span_id, "016x") == CALLER_SPAN
+    assert server.attributes["gateway.upstream"] == "lp" and server.attributes["gateway.function"] == "flaky"
+    assert server.attributes["gateway.attempts"] == 3 and server.attributes["http.response.status_code"] == 200
+    assert [s.attributes["gateway.attempt"] for s in attempts] == [1, 2, 3]
+    assert [s.attributes["http.response.status_code"] for s in attempts] == [502, 502, 200]
+    assert all(s.parent.span_id == server.context.span_id for s in attempts)
+    sent = [c.headers["traceparent"] for c in sim.calls]
+    assert sent == [f"00-{CALLER_TRACE}-{format(s.context.span_id, '016x')}-01" for s in attempts]
+
+
+async def test_without_a_provider_nothing_changes(tmp_path: Path) -> None:
+    from gateway.tracing import configured_provider
+
+    assert configured_provider() is None  # the API is installed here, but nothing configured it
+    traceparent = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    async with simulated("liveperson") as sim:
+        config = write_config(tmp_path, gateway_yaml(sim.url))
+        async with running_gateway(config) as gw, gw.client() as client:
+            assert gw.app.services is not None and gw.app.services.tracing is None
+            assert (await client.post(invoke("acc1", "ok"), headers={"traceparent": traceparent})).status_code == 200
+    assert sim.calls[0].headers["traceparent"] == traceparent  # passed through untouched
+
+
+def test_without_opentelemetry_installed_tracing_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from gateway.tracing import configured_provider, tracing_from_environment
+
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # makes `import opentelemetry` fail
+    assert configured_provider() is None and tracing_from_environment() is None
