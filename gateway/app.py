@@ -32,6 +32,7 @@ from gateway.retry import RetryBudget
 from gateway.settings import Settings, load_settings
 from gateway.sigv4 import RequestSigner, signer_if_needed
 from gateway.store import RedisStore
+from gateway.tracing import Tracing, tracing_from_environment
 from gateway.upstream import UpstreamClient
 from gateway.yamlsource import ConfigError
 
@@ -56,6 +57,7 @@ class Services:
     replicator: BreakerReplicator | None = None
     signer: RequestSigner | None = None
     budgets: dict[str, RetryBudget] = field(default_factory=dict)
+    tracing: Tracing | None = None
     deduper: Deduper | None = None
 
 
@@ -152,7 +154,11 @@ class Gateway:
             runtime = self.runtime
             if runtime is None:
                 raise RuntimeError("the gateway's lifespan has not started")
-            await runtime.pipeline(scope, receive, send)
+            tracing = runtime.services.tracing
+            if tracing is None:
+                await runtime.pipeline(scope, receive, send)
+            else:
+                await tracing.traced(runtime.pipeline, scope, receive, send)
             return
         await self.ops(scope, receive, send)
 
@@ -186,6 +192,7 @@ class Gateway:
         if services.store is not None:
             await services.store.aclose()
         self.services = None
+        log.info("gateway stopped: requests finished, pools closed")
 
     def swap(self, settings: Settings) -> None:
         """Install a new, already validated configuration in one assignment."""
@@ -262,7 +269,10 @@ async def build_services(settings: Settings, clock: Callable[[], float], wall_cl
         deduper = build_deduper(config, None, metrics, clock)
     metrics.watch_state(breakers, store, config.state.on_redis_error)
     signer = signer_if_needed(config)
-    return Services(upstream, limiter, breakers, metrics, AccessLog(wall_clock=wall_clock), clock, wall_clock, random.random, store, replicator, signer, deduper=deduper)
+    tracing = tracing_from_environment()
+    client: Any = upstream if tracing is None else tracing.wrap_upstream(upstream)
+    access_log = AccessLog(wall_clock=wall_clock, annotate=None if tracing is None else tracing.annotate)
+    return Services(client, limiter, breakers, metrics, access_log, clock, wall_clock, random.random, store, replicator, signer, deduper=deduper, tracing=tracing)
 
 
 def _transition_logger(metrics: Metrics) -> Callable[[BreakerKey, str, str], None]:
