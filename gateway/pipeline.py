@@ -332,6 +332,9 @@ class Pipeline:
         url = plan.config.url + _raw_path(scope) + ("?" + query.decode("latin-1") if query else "")
         payload = body.buffered if body.buffered is not None else body.stream
         assert payload is not None
+        declared = _declared_length(scope)
+        if body.buffered is None and declared is not None:
+            headers.append(("Content-Length", str(declared)))  # else a streamed body goes chunked, which some upstreams refuse
         if self.rt.signer is not None and plan.config.auth == "aws_sigv4" and body.buffered is not None:
             headers = self.rt.signer.sign(scope["method"], url, headers, body.buffered)
         return UpstreamRequest(scope["method"], url, headers, payload)
