@@ -108,7 +108,9 @@ def summary_markdown(results: Mapping[str, Any], chart: str = "latency.png") -> 
         f"answering after {SLOW_DELAY_MS:g} ms. The gateway runs `gateway serve` (one uvicorn worker, uvloop, httptools) with its "
         "default pipeline (LivePerson classification, breaker, retries, a rate limit that never refuses, access log at INFO to "
         "/dev/null, metrics); `gateway-redis` keeps its rate-limit buckets in a local redis-server. nginx (1 worker, "
-        "upstream keepalive) and HAProxy (1 thread, http-reuse always) run without access logs.",
+        "upstream keepalive) and HAProxy (1 thread, http-reuse always) run without access logs. `minimal` is the floor of this "
+        "stack: a bare ASGI callable relaying through one aiohttp session on the same uvicorn setup, with no feature at all "
+        "(bench/minimal_proxy.py).",
         "",
         f"Machine noise: processes outside the benchmark used {noise['mean_foreign_cores']:.2f} cores on average during the measured "
         f"runs (worst run {noise['max_foreign_cores']:.2f}); load average {noise['loadavg_before']} before, {noise['loadavg_after']} after.",

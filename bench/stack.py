@@ -25,7 +25,7 @@ BODY_BYTES = 205
 SLOW_DELAY_MS = 20.0
 FUNCTION_PATH = "/api/account/le12345678/lambdas/bench-fn/invoke"
 UPSTREAMS = ("fast", "slow")
-TARGETS = ("direct", "nginx", "haproxy", "gateway", "gateway-redis")
+TARGETS = ("direct", "nginx", "haproxy", "minimal", "gateway", "gateway-redis")
 PROXIES = TARGETS[1:]
 
 
@@ -236,6 +236,10 @@ def running_stack(work: Path, pinning: Pinning, body: bytes, gateway_log_level: 
         port = free_port()
         (work / "haproxy.cfg").write_text(haproxy_conf(port, fast, slow))
         stack.start("haproxy", ["haproxy", "-db", "-f", str(work / "haproxy.cfg")], proxy, port, log=work / "haproxy.out")
+
+        port = free_port()
+        minimal = [sys.executable, str(BENCH / "minimal_proxy.py"), "--port", str(port), "--fast", f"http://127.0.0.1:{fast}", "--slow", f"http://127.0.0.1:{slow}"]
+        stack.start("minimal", minimal, proxy, port, log=work / "minimal.out")
 
         env = {**os.environ, "GATEWAY_LOG_LEVEL": gateway_log_level, "PYTHONUNBUFFERED": "1"}
         gateway = str(Path(sys.executable).with_name("gateway"))
