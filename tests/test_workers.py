@@ -91,9 +91,11 @@ async def test_sigterm_lets_the_request_in_flight_finish_and_stops_accepting(tmp
                 refused_new = await wait_until_refused(gw.url)
                 response = await slow
             exit_code = await asyncio.to_thread(gw.process.wait, 20)
+            log = gw.log()
     assert refused_new and not slow.cancelled()
     assert response.status_code == 200 and response.json()["payload"] == "last"
     assert exit_code in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once it has shut down gracefully
+    assert "gateway stopped: requests finished, pools closed" in log  # the lifespan's shutdown ran
 
 
 async def wait_until_refused(url: str, timeout_s: float = 10.0) -> bool:
