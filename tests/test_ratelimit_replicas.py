@@ -23,7 +23,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import GatewayProcess, RunningGateway, gateway_process, write_config
 from tests.redis_servers import RedisProcess
@@ -32,6 +31,7 @@ from tests.test_ratelimit_pipeline import (
     SLOW,
     Upstreams,
     all_upstreams,
+    decisions_by_source,
     expected_statuses,
     gateway_yaml,
     lp_path,
@@ -160,17 +160,6 @@ def latency_report(label: str, traffic: Traffic) -> dict[str, float]:
             figures[f"{phase}_n"] = len(latencies)
     print(f"\n{label}: " + ", ".join(f"{k}={v:.1f}" if not k.endswith("_n") else f"{k}={int(v)}" for k, v in figures.items()))
     return figures
-
-
-def decisions_by_source(metrics_text: str) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name == "gateway_ratelimit_decisions":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    source = sample.labels["source"]
-                    totals[source] = totals.get(source, 0.0) + sample.value
-    return totals
 
 
 async def redis_decisions(client: httpx.AsyncClient) -> float:
