@@ -5,7 +5,8 @@
    (no match: 404 `gateway.no_route`; a refused capture: 400 `gateway.bad_request`).
 3. Size: a declared body over `server.max_body_bytes` is refused with 413 before it is read.
 4. Account and token bucket: 429 `gateway.rate_limited` without calling the upstream.
-5. Body: buffered up to `server.replay_max_bytes` (so it can be replayed), streamed beyond.
+5. Body: buffered up to `server.replay_max_bytes` (so it can be replayed), streamed beyond
+   (an `auth: aws_sigv4` upstream's body is always buffered: its signature covers the body).
 6. Dedupe: a request whose (upstream, function, caller id, body) is in flight or just
    finished is answered from that invocation (see `gateway.dedupe`).
 7. Attempts: breaker admission, one upstream call, classification, breaker record, and the
@@ -222,6 +223,9 @@ class Pipeline:
         chunks: list[bytes] = []
         size = 0
         more = True
+        plan = exchange.plan
+        signed = plan is not None and plan.config.auth == "aws_sigv4"  # SigV4 signs the body's hash: it must be whole
+        buffer_max = self.rt.max_body_bytes if signed else self.rt.replay_max_bytes
         while more:
             message = await exchange.receive()
             if message["type"] == "http.disconnect":
@@ -232,7 +236,7 @@ class Pipeline:
             if size > self.rt.max_body_bytes:
                 raise BodyTooLarge()
             chunks.append(chunk)
-            if size > self.rt.replay_max_bytes:  # even when it all came at once: over the limit is never replayed
+            if size > buffer_max:  # even when it all came at once: over the limit is never replayed
                 return RequestBody(None, self._rest_of_body(exchange, chunks, size, more))
         return RequestBody(b"".join(chunks))
 
