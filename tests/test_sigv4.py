@@ -166,3 +166,16 @@ async def test_passthrough_forwards_the_callers_authorization(tmp_path: Path, ga
 )
 def test_host_header_drops_only_the_default_port(url: str, host: str) -> None:
     assert host_header(url) == host
+
+
+async def test_a_body_too_big_to_replay_is_still_signed(tmp_path: Path, gateway_credentials: None) -> None:
+    """SigV4 covers the body's hash: a body past server.replay_max_bytes must still be signed."""
+    payload = b'{"blob": "' + b"x" * 300_000 + b'"}'
+    async with simulated("lambda") as upstream:
+        text = "server: {replay_max_bytes: 65536}\nupstreams:\n" + upstream_config("aws", upstream.url, "lambda", [ROUTE], auth="aws_sigv4")
+        async with running_gateway(write_config(tmp_path, text)) as gateway:
+            response = await invoke(caller_client(gateway.url), "ok", payload)
+    assert response["StatusCode"] == 200
+    (call,) = upstream.calls
+    assert call.body == payload
+    verify_signature(call, GATEWAY_KEY, GATEWAY_REGION)
