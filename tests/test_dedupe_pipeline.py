@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import httpx
 import orjson
 import pytest
 
+from gateway.dedupe import request_key
 from gateway.simulators import Reply, SimulatedUpstream
+from gateway.store import RedisStore
 from tests.clients.lp_client import pick_port80_host, run_lp_client_async
 from tests.harness import RunningGateway, gateway_process, running_gateway, simulated, upstream_config, write_config
 from tests.redis_servers import RedisProcess
@@ -34,11 +37,11 @@ def text(body: bytes, delay_s: float = 0.0, status: int = 200) -> Reply:
     return Reply(status, body, (("Content-Type", "text/plain"),), delay_s)
 
 
-def gateway_yaml(url: str, dialect: str = "http", *, dedupe: str = "", upstream_dedupe: str | None = None, max_attempts: int = 1, redis_url: str | None = None) -> str:
+def gateway_yaml(url: str, dialect: str = "http", *, dedupe: str = "", upstream_dedupe: str | None = None, max_attempts: int = 1, redis_url: str | None = None, total_s: float = 10) -> str:
     extra = {"dedupe": upstream_dedupe} if upstream_dedupe else {}
     entry = upstream_config(
         "up", url, dialect, [ROUTES[dialect]], retry="under_test", breaker="lenient", rate_limited="false",
-        timeouts="{connect_s: 1, per_try_s: 10, total_s: 10}", **extra,
+        timeouts=f"{{connect_s: 1, per_try_s: {total_s}, total_s: {total_s}}}", **extra,
     )
     state = f"state:\n  redis_url: {redis_url}\n" if redis_url else ""
     return (
@@ -249,3 +252,42 @@ async def test_two_gateway_processes_sharing_redis_make_one_upstream_call(tmp_pa
     assert [(a.status_code, a.content) for a in (*answers, later)] == [(200, b"once across replicas")] * 3
     assert sorted(REPLAY in a.headers for a in answers) == [False, True]
     assert later.headers[REPLAY] == "true"
+
+
+def key_of(request_id: str, body: bytes) -> str:
+    """The key the gateway computes for POST /fn/f with this id and body."""
+    request = {"method": "POST", "path": PATHS["http"], "raw_path": PATHS["http"].encode(), "query_string": b"", "headers": [(b"x-request-id", request_id.encode())]}
+    found = request_key(request, "up", None, "f", body, (b"x-request-id",))
+    assert found is not None
+    return found
+
+
+@contextlib.asynccontextmanager
+async def redis_store(server: RedisProcess) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(server.url, timeout_s=0.5, clock=time.monotonic)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def test_a_request_in_flight_on_a_live_replica_is_not_run_again(tmp_path: Path, redis_server: RedisProcess) -> None:
+    async with simulated("http") as upstream, redis_store(redis_server) as store:
+        await store.set_value(key_of("elsewhere-1", b"{}"), b"Fanother-replica", 30)
+        async with gateway_for(tmp_path, upstream, redis_url=redis_server.url, total_s=1.0) as gateway, gateway.client() as client:
+            answer = await post(client, "elsewhere-1", b"{}")
+    assert upstream.count() == 0
+    assert answer.status_code == 504
+    assert orjson.loads(answer.content)["code"] == "gateway.upstream_timeout"
+
+
+async def test_a_dead_replicas_mark_lapses_and_the_request_runs_here(tmp_path: Path, redis_server: RedisProcess) -> None:
+    key = key_of("orphan-1", b"{}")
+    async with simulated("http") as upstream, redis_store(redis_server) as store:
+        upstream.script(text(b"ran here"))
+        await store.set_value(key, b"Fdead-replica", 0.4)  # nobody renews it
+        async with gateway_for(tmp_path, upstream, redis_url=redis_server.url) as gateway, gateway.client() as client:
+            answer = await post(client, "orphan-1", b"{}")
+        stored = await store.get_value(key)
+    assert (upstream.count(), answer.status_code, answer.content) == (1, 200, b"ran here")
+    assert stored is not None and stored.startswith(b"D")
