@@ -125,6 +125,16 @@ def test_refused_captures_say_why(path: str, reason: str) -> None:
     assert found.reason == reason
 
 
+def test_a_template_ending_in_a_slash_needs_the_slash() -> None:
+    """`{*}` then `{function}` then `/`: the trailing empty segment is part of the template."""
+    router = build_router({YR_SHORT: "yr"})
+    found = router.match("/invocations/tenant-1/default/hello/")
+    assert isinstance(found, RouteMatch) and (found.account, found.function) == ("tenant-1", "hello")
+    assert router.match("/invocations/tenant-1/default/hello") is None
+    assert router.match("/invocations/tenant-1/default/hello//") is None
+    assert isinstance(router.match("/invocations/tenant-1/default//"), RefusedCapture)
+
+
 def test_the_wildcard_is_neither_captured_nor_checked() -> None:
     found = build_router().match("/invocations/tenant-1/%2e%2e/hello/")
     assert isinstance(found, RouteMatch)
