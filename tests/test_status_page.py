@@ -110,10 +110,15 @@ async def keep_sending(client: object, stop: asyncio.Event) -> int:
     return sent
 
 
-async def test_status_page_in_headless_chromium(tmp_path: Path, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module")
+def browser() -> tuple[str, str]:
+    """(chromium, node), installed first when missing; a fixture, so installing is outside the test's timeout."""
+    return chromium_path(), ensure_driver()
+
+
+async def test_status_page_in_headless_chromium(tmp_path: Path, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch, browser: tuple[str, str]) -> None:
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
-    chromium = await asyncio.to_thread(chromium_path)
-    node = await asyncio.to_thread(ensure_driver)
+    chromium, node = browser
     ARTIFACT.unlink(missing_ok=True)
     async with simulated("liveperson") as lp, simulated("yuanrong") as yr:
         config = write_config(tmp_path, gateway_yaml(lp.url, yr.url, redis_server.url))
