@@ -77,10 +77,12 @@ async def alternate(clients: list[httpx.AsyncClient], path: str, count: int, **k
     return [await clients[n % len(clients)].post(path, json={"n": n}, **kwargs) for n in range(count)]
 
 
-async def enforce_one_bucket_between(urls: list[str], upstreams: Upstreams) -> None:
-    """Sequential, concurrent and anonymous traffic spread over `urls` sees exactly one bucket each."""
+async def enforce_one_bucket_between(urls: list[str], upstreams: Upstreams, keepalive: bool = True) -> int:
+    """Sequential, concurrent and anonymous traffic spread over `urls` sees exactly one bucket
+    each; returns how many rate-limit decisions it asked for."""
+    limits = httpx.Limits() if keepalive else httpx.Limits(max_keepalive_connections=0)  # a new connection, maybe a new worker, per request
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30)) for url in urls]
+        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30, limits=limits)) for url in urls]
         sequential = await alternate(clients, lp_path("acct-seq"), SLOW["burst"] + 3)
         vip = await alternate(clients, lp_path("vip"), OVERRIDES["vip"]["burst"] + 3)
         calls_before = upstreams.lp.count("acct-conc")
@@ -92,18 +94,37 @@ async def enforce_one_bucket_between(urls: list[str], upstreams: Upstreams) -> N
     assert sorted(statuses(list(concurrent))) == expected_statuses(SLOW["burst"], 24)
     assert upstreams.lp.count("acct-conc") - calls_before == SLOW["burst"]
     assert statuses(anonymous) == expected_statuses(SLOW["burst"], SLOW["burst"] + 3)
+    return len(sequential) + len(vip) + len(concurrent) + len(anonymous)
+
+
+async def scrape_decisions(url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        return decisions_by_source((await client.get("/metrics")).text)
 
 
 async def test_two_gateway_processes_share_one_bucket_per_account(tmp_path: Path, upstreams: Upstreams, redis_server: RedisProcess) -> None:
     config = write_config(tmp_path, replica_yaml(upstreams, redis_server.url))
     async with processes([(config, 1), (config, 1)]) as (first, second):
-        await enforce_one_bucket_between([first.url, second.url], upstreams)
+        decisions = await enforce_one_bucket_between([first.url, second.url], upstreams)
+        per_process = [await scrape_decisions(p.url) for p in (first, second)]
+    assert all(set(counts) == {"redis"} for counts in per_process)
+    assert sum(counts["redis"] for counts in per_process) == decisions
 
 
 async def test_one_process_with_two_workers_shares_one_bucket(tmp_path: Path, upstreams: Upstreams, redis_server: RedisProcess) -> None:
     config = write_config(tmp_path, replica_yaml(upstreams, redis_server.url))
     async with processes([(config, 2)]) as (served,):
-        await enforce_one_bucket_between([served.url], upstreams)
+        decisions = await enforce_one_bucket_between([served.url], upstreams, keepalive=False)
+        per_worker = {}  # a worker's totals stand for the worker: scrapes land on either at random
+        for _ in range(40):
+            counts = await scrape_decisions(served.url)
+            per_worker[tuple(sorted(counts.items()))] = counts
+            if len(per_worker) == 2:
+                break
+    assert decisions % 2 == 1  # an odd total cannot split evenly, so the two workers' totals differ
+    assert len(per_worker) == 2, "only one worker ever answered"
+    assert all(set(counts) == {"redis"} for counts in per_worker.values())
+    assert sum(counts["redis"] for counts in per_worker.values()) == decisions  # both decided, one bucket
 
 
 # --- Redis in trouble under traffic -----------------------------------------------------------------
