@@ -30,7 +30,7 @@ from gateway.classify import (
     parse_retry_after,
 )
 from gateway.outcomes import ErrorClass, Outcome, traits_of
-from gateway.policies import load_policy_folder, shipped_policies_dir
+from gateway.policies import Rule, load_policy_folder, shipped_policies_dir
 from gateway.yamlsource import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -574,3 +574,27 @@ def test_a_broken_pack_is_reported_with_file_and_line(tmp_path: Path) -> None:
     lines = str(raised.value).splitlines()
     assert any(line.startswith(f"{tmp_path / 'broken.yaml'}:5: rules[1].class") for line in lines), lines
     assert any(line.startswith(f"{tmp_path / 'broken.yaml'}:6: rules[2]") for line in lines), lines
+
+
+def _matcher_values(rule: Rule) -> list[str]:
+    matchers = [m for m in (rule.status, rule.code, *rule.headers.values(), *rule.fields.values()) if m is not None]
+    values: list[str] = []
+    for matcher in matchers:
+        if matcher.one_of is not None:
+            values += [str(v) for v in matcher.one_of]
+        values += [str(v) for v in (matcher.equals, matcher.prefix, matcher.contains) if v is not None]
+    return values + list(rule.headers) + list(rule.fields)
+
+
+def test_docs_mapping_table_shows_every_rule(packs: dict[str, CompiledPack]) -> None:
+    """docs/errors.md lists each pack's rules, in order, with the class each one gives."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text(encoding="utf-8")
+    mapping = doc[doc.index("## The mapping table") : doc.index("## Extending a pack")]
+    for name, pack in packs.items():
+        section = mapping.split(f"### `{name}`", 1)[1].split("\n### ", 1)[0]
+        rows = [line for line in section.splitlines() if re.match(r"^\| \d+ \|", line)]
+        assert len(rows) == len(pack.pack.rules), name
+        for row, rule in zip(rows, pack.pack.rules):
+            assert row.endswith(f"| `{rule.error_class.value}` |"), row
+            for value in _matcher_values(rule):
+                assert f"`{value}`" in row, (name, value, row)
