@@ -559,6 +559,7 @@ class Deduper:
         while (item := await flight.live.get()) is not Mark.END:
             flight.live.task_done()
             if item is Mark.CUT:
+                exchange.error_class = flight.detached.error_class if flight.detached else None  # the upstream broke off: say so in the log
                 raise ClientDisconnected()
             await exchange.send({"type": "http.response.body", "body": item, "more_body": True})
             if exchange.client_gone():
@@ -617,10 +618,12 @@ class Deduper:
         deadline = detached.started + detached.plan.config.timeouts.total_s
         owned = False
         try:
-            claim, kind = await self._settle(flight.key, deadline)
+            claim, kind = await self._settle(flight.key, deadline, flight.deserted)
             if isinstance(claim, StoredResponse):
                 return flight.replay(claim, kind)
             owned = claim is Claim.OWNED
+            if flight.deserted.is_set():
+                return  # everyone left before the first attempt: the client's retry starts afresh
             await self._invoke(flight, pipeline, body, claim)
             response = flight.response()
             flight.share(Shared(response, "coalesced") if response is not None else None)
@@ -646,14 +649,17 @@ class Deduper:
             if self._flights.get(flight.key) is flight:
                 del self._flights[flight.key]
 
-    async def _settle(self, key: str, deadline: float) -> tuple[ClaimResult, str]:
-        """Claim the key, or wait while another replica holds it: (claim or stored response, kind)."""
+    async def _settle(self, key: str, deadline: float, deserted: asyncio.Event) -> tuple[ClaimResult, str]:
+        """Claim the key, or wait while another replica holds it: (claim or stored response, kind).
+
+        The wait ends at the deadline, or when nobody waits for the answer any more.
+        """
         delay = POLL_FIRST_S
         kind = "replayed"
         while True:
             claim = await self.backend.claim(key, self._lease_s)
             remaining = deadline - self._clock()
-            if claim is not Claim.ELSEWHERE or remaining <= 0:
+            if claim is not Claim.ELSEWHERE or remaining <= 0 or deserted.is_set():
                 return claim, kind
             kind = "coalesced"
             await self._sleep(min(delay, remaining))
