@@ -382,6 +382,7 @@ def deduper(backend: Any, clock: FakeClock, slept: list[float]) -> Deduper:
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
         clock.now += seconds
+        await asyncio.sleep(0)  # let other tasks run, as a real sleep would
 
     return Deduper(backend, Metrics(), clock, sleep=sleep)
 
@@ -389,19 +390,31 @@ def deduper(backend: Any, clock: FakeClock, slept: list[float]) -> Deduper:
 async def test_waiting_for_another_replica_polls_with_growing_delays_until_the_response_appears() -> None:
     clock, slept = FakeClock(), []
     backend = ScriptedBackend(Claim.ELSEWHERE, Claim.ELSEWHERE, Claim.ELSEWHERE, stored())
-    assert await deduper(backend, clock, slept)._settle("k", clock.now + 10) == (stored(), "coalesced")
+    assert await deduper(backend, clock, slept)._settle("k", clock.now + 10, asyncio.Event()) == (stored(), "coalesced")
     assert slept == [POLL_FIRST_S, POLL_FIRST_S * 2, POLL_FIRST_S * 4]
 
 
 async def test_a_stored_response_found_at_once_is_a_replay_and_a_lapsed_mark_is_claimed() -> None:
     clock, slept = FakeClock(), []
-    assert await deduper(ScriptedBackend(stored()), clock, slept)._settle("k", clock.now + 10) == (stored(), "replayed")
-    assert await deduper(ScriptedBackend(Claim.ELSEWHERE, Claim.OWNED), clock, slept)._settle("k", clock.now + 10) == (Claim.OWNED, "coalesced")
+    assert await deduper(ScriptedBackend(stored()), clock, slept)._settle("k", clock.now + 10, asyncio.Event()) == (stored(), "replayed")
+    assert await deduper(ScriptedBackend(Claim.ELSEWHERE, Claim.OWNED), clock, slept)._settle("k", clock.now + 10, asyncio.Event()) == (Claim.OWNED, "coalesced")
 
 
 async def test_waiting_for_another_replica_ends_at_the_deadline() -> None:
     clock, slept = FakeClock(), []
     backend = ScriptedBackend(*[Claim.ELSEWHERE] * 100)
-    claim, _ = await deduper(backend, clock, slept)._settle("k", clock.now + 1.0)
+    claim, _ = await deduper(backend, clock, slept)._settle("k", clock.now + 1.0, asyncio.Event())
     assert claim is Claim.ELSEWHERE
     assert sum(slept) == pytest.approx(1.0) and max(slept) <= 0.25
+
+
+async def test_waiting_for_another_replica_ends_when_nobody_waits_any_more() -> None:
+    clock, slept = FakeClock(), []
+    deserted = asyncio.Event()
+    backend = ScriptedBackend(*[Claim.ELSEWHERE] * 100)
+    dedupe = deduper(backend, clock, slept)
+    waiting = asyncio.ensure_future(dedupe._settle("k", clock.now + 10, deserted))
+    await asyncio.sleep(0)
+    deserted.set()
+    claim, _ = await asyncio.wait_for(waiting, 1)
+    assert claim is Claim.ELSEWHERE and clock.now < 1000.0 + 10
