@@ -484,9 +484,15 @@ def test_success_is_not_inspected(packs: dict[str, CompiledPack], dialect: str, 
 
 
 @pytest.mark.parametrize("dialect", ["liveperson", "lambda", "yuanrong", "http"])
-@pytest.mark.parametrize("status", [400, 404, 429, 500, 502, 901])
+@pytest.mark.parametrize("status", [400, 404, 429, 500, 502, 599])
 def test_errors_are_inspected(packs: dict[str, CompiledPack], dialect: str, status: int) -> None:
     assert needs_inspection(packs[dialect], status, {}) is True
+
+
+def test_901_is_inspected_only_where_a_rule_names_it(packs: dict[str, CompiledPack]) -> None:
+    """LivePerson's 901 is a function error; from a plain HTTP upstream it is relayed as it is."""
+    assert needs_inspection(packs["liveperson"], 901, {}) is True
+    assert needs_inspection(packs["http"], 901, {}) is False
 
 
 @pytest.mark.parametrize("header", ["x-amz-function-error", "x-stedi-invocationerror"])
