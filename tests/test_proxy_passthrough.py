@@ -20,7 +20,7 @@ import hashlib
 import random
 import re
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,9 +151,9 @@ class SlowSink:
 
 
 @contextlib.asynccontextmanager
-async def aiohttp_upstream(handler: object) -> AsyncIterator[str]:
+async def aiohttp_upstream(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
     app = web.Application(client_max_size=64 * MiB)
-    app.router.add_route("*", "/{tail:.*}", handler)  # type: ignore[arg-type]
+    app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
