@@ -107,6 +107,8 @@ async def wait_until_refused(url: str, timeout_s: float = 10.0) -> bool:
                 await client.get("/healthz")
         except httpx.ConnectError:
             return True
+        except httpx.TransportError:
+            pass  # accepted into the backlog just before the socket closed: try again
         await asyncio.sleep(0.05)
     return False
 
