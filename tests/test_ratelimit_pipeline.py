@@ -40,7 +40,8 @@ SLOW = {"rate": 1, "per_s": 3600, "burst": 3}  # one token an hour: counts never
 OVERRIDES = {
     "vip": {"rate": 1, "per_s": 3600, "burst": 6},
     "AKIDVIP": {"rate": 1, "per_s": 3600, "burst": 5},
-    "fast": {"rate": 4, "per_s": 1, "burst": 2},  # one token per 250 ms
+    "fast": {"rate": 2, "per_s": 1, "burst": 2},  # one token per 500 ms
+    "13350576": {"rate": 1, "per_s": 3600, "burst": 4},  # LivePerson account ids are numbers; YAML reads an int key
 }
 HOUR_POLICY = '"default";q=1;w=3600'
 
@@ -253,10 +254,12 @@ async def test_other_account_unaffected_and_override_applies(tmp_path: Path, ups
         exhausted = await burst(client, lp_path("acct-a"), SLOW["burst"] + 1)
         other = await burst(client, lp_path("acct-b"), SLOW["burst"] + 1)
         vip = await burst(client, lp_path("vip"), OVERRIDES["vip"]["burst"] + 1)
+        numeric = await burst(client, lp_path("13350576"), OVERRIDES["13350576"]["burst"] + 1)
     assert statuses(exhausted) == expected_statuses(SLOW["burst"], SLOW["burst"] + 1)
     assert statuses(other) == expected_statuses(SLOW["burst"], SLOW["burst"] + 1)
     assert statuses(vip) == expected_statuses(OVERRIDES["vip"]["burst"], OVERRIDES["vip"]["burst"] + 1)
     assert vip[0].headers["ratelimit-policy"] == '"vip";q=1;w=3600'
+    assert statuses(numeric) == expected_statuses(OVERRIDES["13350576"]["burst"], OVERRIDES["13350576"]["burst"] + 1)
 
 
 async def test_tokens_refill_at_the_configured_rate(tmp_path: Path, upstreams: Upstreams, redis_url: str | None) -> None:
