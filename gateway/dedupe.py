@@ -30,7 +30,6 @@ another request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import hashlib
