@@ -53,6 +53,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 ATTEMPT_HEADER = "X-Gateway-Attempt"
 STREAM_WATCH_BYTES = 64 * 1024
+SMALL_BODY_BYTES = 64 * 1024  # a success body up to this declared length is relayed in one message
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-gateway-attempt"}
 
 
@@ -377,6 +378,9 @@ class Pipeline:
         exchange.status = reply.status
         headers = [*reply.headers, *exchange.extra_headers, (b"x-request-id", exchange.request_id.encode())]
         await exchange.send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        declared = reply.declared_length
+        if declared is not None and declared <= SMALL_BODY_BYTES:
+            return await self._send_small_body(exchange, reply)
         sent = 0
         try:
             async for chunk in reply.iter_body():
@@ -393,6 +397,16 @@ class Pipeline:
             raise ClientDisconnected() from None  # headers are out: the only honest signal is to cut the response
         reply.release()
         await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_small_body(self, exchange: Exchange, reply: UpstreamReply) -> None:
+        """A body of small declared length goes out in one message (no per-chunk loop, no empty last message)."""
+        try:
+            body = await reply.read_whole()
+        except UpstreamBodyError:
+            reply.close()
+            raise ClientDisconnected() from None  # headers are out: the only honest signal is to cut the response
+        reply.release()
+        await exchange.send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _respond_gateway(self, exchange: Exchange, dialect: str | None, outcome: Outcome) -> None:
         extra = [retry_after_header(outcome.retry_after_s)] if outcome.retry_after_s is not None else []

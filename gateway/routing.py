@@ -1,7 +1,10 @@
 """Request path -> (upstream, account, function), from path templates compiled once.
 
 Templates are made of `/`-separated segments; a segment is a literal, `{account}`,
-`{function}` or `{*}` (one segment, not captured). Matching runs on the raw, still
+`{function}` or `{*}` (one segment, not captured). Where two templates could match the same
+path, the literal segment wins at the first position where they differ (so
+`/api/account/le-1/lambdas/{function}/invoke` can send one account elsewhere); two templates
+of the same shape are ambiguous and refused by the loader. Matching runs on the raw, still
 percent-encoded path, so an encoded slash can never move a capture across segments; captured
 values are then decoded and refused when SPEC.md says so. A template without `{function}`
 names its function itself (LivePerson's listing call).
@@ -49,7 +52,7 @@ class RefusedCapture:
 @dataclass(slots=True)
 class _Node:
     literals: dict[str, "_Node"] = field(default_factory=dict)
-    capture: tuple[str, "_Node"] | None = None
+    capture: "_Node | None" = None
     route: Route | None = None
 
 
@@ -82,11 +85,11 @@ def _check_segment(segment: str) -> None:
         raise TemplateError(f"a capture must be a whole segment: {segment!r}")
 
 
-def templates_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    """True when some path would match both templates."""
+def templates_ambiguous(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """True when neither template is more specific: captures and literals in the same places."""
     if len(a) != len(b):
         return False
-    return all(x == y or x.startswith("{") or y.startswith("{") for x, y in zip(a, b))
+    return all((x.startswith("{") and y.startswith("{")) or x == y for x, y in zip(a, b))
 
 
 class Router:
@@ -100,8 +103,8 @@ class Router:
         for segment in route.segments:
             if segment.startswith("{"):
                 if node.capture is None:
-                    node.capture = (segment[1:-1], _Node())
-                node = node.capture[1]
+                    node.capture = _Node()
+                node = node.capture
             else:
                 node = node.literals.setdefault(segment, _Node())
         node.route = route
@@ -109,34 +112,30 @@ class Router:
     def match(self, raw_path: str) -> RouteMatch | RefusedCapture | None:
         if not raw_path.startswith("/"):
             return None
-        found = _walk(self._root, raw_path[1:].split("/"), 0, {})
-        if found is None:
-            return None
-        route, captured = found
-        return _accept(route, captured)
+        segments = raw_path[1:].split("/")
+        route = _walk(self._root, segments, 0)
+        return None if route is None else _accept(route, segments)
 
 
-def _walk(node: _Node, segments: list[str], index: int, captured: dict[str, str]) -> tuple[Route, dict[str, str]] | None:
+def _walk(node: _Node, segments: list[str], index: int) -> Route | None:
+    """Depth-first, literal before capture, so the more specific template wins."""
     if index == len(segments):
-        return (node.route, captured) if node.route else None
-    segment = segments[index]
-    child = node.literals.get(segment)
+        return node.route
+    child = node.literals.get(segments[index])
     if child is not None:
-        found = _walk(child, segments, index + 1, captured)
-        if found:
+        found = _walk(child, segments, index + 1)
+        if found is not None:
             return found
-    if node.capture is not None:
-        name, child = node.capture
-        return _walk(child, segments, index + 1, {**captured, name: segment})
-    return None
+    return _walk(node.capture, segments, index + 1) if node.capture is not None else None
 
 
-def _accept(route: Route, captured: dict[str, str]) -> RouteMatch | RefusedCapture:
+def _accept(route: Route, segments: list[str]) -> RouteMatch | RefusedCapture:
     values: dict[str, str] = {}
-    for name in ("account", "function"):
-        if name in captured:
-            value = unquote(captured[name])
-            reason = capture_problem(captured[name], value)
+    for template_segment, raw in zip(route.segments, segments):
+        name = template_segment[1:-1]
+        if name in ("account", "function"):
+            value = unquote(raw)
+            reason = capture_problem(raw, value)
             if reason:
                 return RefusedCapture(route, f"{{{name}}} {reason}")
             values[name] = value

@@ -13,7 +13,7 @@ from pathlib import Path
 from gateway.classify import CompiledPack, compile_pack
 from gateway.config import BreakerPolicyConfig, GatewayConfig, RetryPolicyConfig, read_config_file
 from gateway.policies import PolicyLibrary, load_policy_folder, shipped_policies_dir
-from gateway.routing import Route, Router, TemplateError, split_template, templates_overlap
+from gateway.routing import Route, Router, TemplateError, split_template, templates_ambiguous
 from gateway.yamlsource import ConfigError, Problem, SourceDocument
 
 
@@ -111,9 +111,9 @@ def _compile_routes(config: GatewayConfig, document: SourceDocument) -> tuple[li
             except TemplateError as exc:
                 problems.append(document.problem(path, str(exc)))
                 continue
-            clash = next((r for r in routes if templates_overlap(r.segments, route.segments)), None)
+            clash = next((r for r in routes if templates_ambiguous(r.segments, route.segments)), None)
             if clash is not None:
-                problems.append(document.problem(path, f"overlaps route {clash.template!r} (line {document.line_of(where[clash.template])})"))
+                problems.append(document.problem(path, f"is ambiguous with route {clash.template!r} (line {document.line_of(where[clash.template])}): same shape, so neither is more specific"))
                 continue
             where[template] = path
             routes.append(route)

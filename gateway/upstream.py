@@ -77,6 +77,18 @@ class UpstreamReply:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamBodyError(str(exc) or type(exc).__name__) from None
 
+    @property
+    def declared_length(self) -> int | None:
+        """The upstream's Content-Length, when it sent one."""
+        return self._response.content_length
+
+    async def read_whole(self) -> bytes:
+        """The whole body at once (for a small declared length); raises UpstreamBodyError."""
+        try:
+            return await self._response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise UpstreamBodyError(str(exc) or type(exc).__name__) from None
+
     def release(self) -> None:
         self._response.release()
 
@@ -102,6 +114,7 @@ class UpstreamClient:
         self._max_connections = max_connections
         self._read_bufsize = read_bufsize
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
@@ -122,10 +135,19 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
+    def _timeout(self, connect_s: float, per_try_s: float) -> aiohttp.ClientTimeout:
+        """ClientTimeout objects are reused: a first attempt always asks for the same pair."""
+        found = self._timeouts.get((connect_s, per_try_s))
+        if found is None:
+            found = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=per_try_s)
+            if len(self._timeouts) < 256:  # retries ask for what is left of a deadline: not worth keeping
+                self._timeouts[(connect_s, per_try_s)] = found
+        return found
+
     async def send(self, request: UpstreamRequest, connect_s: float, per_try_s: float) -> UpstreamReply | AttemptFailure:
         """One attempt; `per_try_s` bounds the time until the response headers arrive."""
         assert self._session is not None, "UpstreamClient.start() was not awaited"
-        timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=per_try_s)
+        timeout = self._timeout(connect_s, per_try_s)
         try:
             async with asyncio.timeout(per_try_s):
                 response = await self._session.request(

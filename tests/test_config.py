@@ -40,8 +40,8 @@ ERRORS: dict[str, list[tuple[int, str, str]]] = {
     "unknown_dialect.yaml": [(5, "upstreams.ow.dialect", "must be one of 'liveperson', 'lambda', 'yuanrong' or 'http' (got 'openwhisk')")],
     "unknown_capture.yaml": [(8, "upstreams.lp.routes[1]", "unknown capture {tenant}: use {account}, {function} or {*}")],
     "partial_capture.yaml": [(7, "upstreams.web.routes[0]", "a capture must be a whole segment: 'fn-{function}'")],
-    "overlapping_routes.yaml": [(9, "upstreams.lp.routes[2]", f"overlaps route '{LP_ROUTE}' (line 7)")],
-    "overlapping_routes_across_upstreams.yaml": [(13, "upstreams.web.routes[1]", f"overlaps route '{LP_ROUTE}' (line 7)")],
+    "overlapping_routes.yaml": [(9, "upstreams.lp.routes[2]", f"is ambiguous with route '{LP_ROUTE}' (line 7): same shape, so neither is more specific")],
+    "overlapping_routes_across_upstreams.yaml": [(13, "upstreams.web.routes[1]", f"is ambiguous with route '{LP_ROUTE}' (line 7): same shape, so neither is more specific")],
     "unknown_retry_policy.yaml": [(6, "upstreams.lp.retry", "unknown retry policy 'aggressive' (known: careful, default, none, patient)")],
     "unknown_breaker_policy.yaml": [(6, "upstreams.lp.breaker", "unknown breaker policy 'twitchy' (known: default, per_upstream, sensitive)")],
     "malformed_yaml.yaml": [(6, "(syntax)", "invalid YAML: expected ',' or ']', but got '{'")],
@@ -70,7 +70,7 @@ ERRORS: dict[str, list[tuple[int, str, str]]] = {
         (6, "upstreams.lp.retry", "unknown retry policy 'aggressive' (known: default, none, patient)"),
         (7, "upstreams.lp.breaker", "unknown breaker policy 'twitchy' (known: default, per_upstream, sensitive)"),
         (10, "upstreams.lp.routes[1]", "unknown capture {acct}: use {account}, {function} or {*}"),
-        (15, "upstreams.web.routes[0]", f"overlaps route '{LP_ROUTE}' (line 9)"),
+        (15, "upstreams.web.routes[0]", f"is ambiguous with route '{LP_ROUTE}' (line 9): same shape, so neither is more specific"),
     ],
 }
 # problems reported against another file than the configuration (a policy file)

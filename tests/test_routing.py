@@ -18,7 +18,7 @@ from gateway.routing import (
     Router,
     TemplateError,
     split_template,
-    templates_overlap,
+    templates_ambiguous,
 )
 from gateway.settings import load_settings
 
@@ -176,11 +176,12 @@ def test_template_segments() -> None:
     assert split_template("/") == ("",)
 
 
-OVERLAPS = [
+AMBIGUITIES = [
     (LP_INVOKE, LP_INVOKE, True),
     (LP_INVOKE, "/api/account/{account}/lambdas/{*}/invoke", True),
-    (LP_INVOKE, "/api/account/le-1/lambdas/{function}/invoke", True),
-    ("/a/{function}/x", "/a/list/{*}", True),
+    (LP_INVOKE, "/api/account/le-1/lambdas/{function}/invoke", False),
+    ("/a/{function}/x", "/a/list/{*}", False),
+    ("/a/{function}/x", "/a/{*}/x", True),
     (LP_INVOKE, LP_EVENT, False),
     (LP_LIST_V1, LP_INVOKE, False),
     (YR_SHORT, YR_SHORT_NO_SLASH, False),
@@ -188,11 +189,11 @@ OVERLAPS = [
 ]
 
 
-@pytest.mark.parametrize(("a", "b", "expected"), OVERLAPS)
-def test_overlap_is_symmetric(a: str, b: str, expected: bool) -> None:
+@pytest.mark.parametrize(("a", "b", "expected"), AMBIGUITIES)
+def test_ambiguity_is_symmetric(a: str, b: str, expected: bool) -> None:
     sa, sb = split_template(a), split_template(b)
-    assert templates_overlap(sa, sb) is expected
-    assert templates_overlap(sb, sa) is expected
+    assert templates_ambiguous(sa, sb) is expected
+    assert templates_ambiguous(sb, sa) is expected
 
 
 # Every call an official client makes, against the router built from the shipped config.
@@ -216,3 +217,24 @@ def test_shipped_local_config_routes_every_client_call(path: str, upstream: str,
     found = settings.router.match(path)
     assert isinstance(found, RouteMatch), found
     assert (found.route.upstream, found.account, found.function) == (upstream, account, function)
+
+
+def test_the_more_specific_template_wins() -> None:
+    router = Router(
+        [
+            Route("all", LP_INVOKE, split_template(LP_INVOKE)),
+            Route("vip", "/api/account/le-1/lambdas/{function}/invoke", split_template("/api/account/le-1/lambdas/{function}/invoke")),
+            Route("other", "/a/{function}/x", split_template("/a/{function}/x")),
+            Route("list", "/a/list/{*}", split_template("/a/list/{*}")),
+        ]
+    )
+    vip = router.match("/api/account/le-1/lambdas/f/invoke")
+    everyone = router.match("/api/account/le-2/lambdas/f/invoke")
+    assert isinstance(vip, RouteMatch) and vip.route.upstream == "vip" and vip.account is None and vip.function == "f"
+    assert isinstance(everyone, RouteMatch) and everyone.route.upstream == "all" and everyone.account == "le-2"
+    listed = router.match("/a/list/x")
+    assert isinstance(listed, RouteMatch) and listed.route.upstream == "list"
+    backtracked = router.match("/a/list/y")
+    assert isinstance(backtracked, RouteMatch) and backtracked.route.upstream == "list"
+    other = router.match("/a/zzz/x")
+    assert isinstance(other, RouteMatch) and other.route.upstream == "other" and other.function == "zzz"
