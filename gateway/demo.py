@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -96,6 +97,7 @@ async def _run(host: str, port: int) -> None:
     finally:
         for simulator in simulators.values():
             await simulator.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_demo(host: str, port: int) -> int:
