@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import GatewayProcess, RunningGateway, gateway_process, write_config
+from tests.harness import GatewayProcess, RunningGateway, gateway_process, running_gateway, write_config
 from tests.redis_servers import RedisProcess
 from tests.test_ratelimit_pipeline import (
     OVERRIDES,
@@ -227,8 +227,6 @@ async def wait_for(predicate: Callable[[], Any], limit_s: float, what: str) -> f
 async def two_gateways(tmp_path: Path, upstreams: Upstreams, redis_url: str, on_redis_error: str) -> AsyncIterator[tuple[list[RunningGateway], list[httpx.AsyncClient]]]:
     config = replica_yaml(upstreams, redis_url, on_redis_error, REDIS_TIMEOUT_S)
     path_a, path_b = write_config(tmp_path, config, "a.yaml"), write_config(tmp_path, config, "b.yaml")
-    from tests.harness import running_gateway
-
     async with running_gateway(path_a) as a, running_gateway(path_b) as b, a.client() as client_a, b.client() as client_b:
         yield [a, b], [client_a, client_b]
 
@@ -350,8 +348,6 @@ async def test_frozen_redis_costs_at_most_one_timeout(tmp_path: Path, upstreams:
 async def test_a_restarted_redis_is_used_at_once_by_every_pooled_connection(tmp_path: Path, upstreams: Upstreams, redis_server: RedisProcess) -> None:
     """Connections the dead server left in the pool are replaced, not failed one by one."""
     path = write_config(tmp_path, replica_yaml(upstreams, redis_server.url, "local"))
-    from tests.harness import running_gateway
-
     async with running_gateway(path) as gateway, gateway.client() as client:
         for _ in range(3):  # the pool grows to one connection per concurrent request
             await asyncio.gather(*(client.post(lp_path(BUSY)) for _ in range(8)))
