@@ -225,27 +225,46 @@ def upstream_calls(upstream: SimulatedUpstream, function: str) -> int:
     return upstream.count(f"/{function}")
 
 
-@pytest.mark.parametrize("behaviour", BEHAVIOURS)
+# (dialect, simulator behaviour) -> the class of the simulated platform's answer
+UPSTREAM_CLASSES = {
+    **{(d, "fail"): ErrorClass.FUNCTION_ERROR for d in ("liveperson", "lambda", "yuanrong")},
+    **{(d, "timeout"): ErrorClass.FUNCTION_TIMEOUT for d in ("liveperson", "lambda", "yuanrong")},
+    **{(d, "missing"): ErrorClass.NOT_FOUND for d in DIALECTS},
+    **{(d, "badinput"): ErrorClass.CLIENT_ERROR for d in DIALECTS},
+    **{(d, "throttle"): ErrorClass.RATE_LIMITED for d in DIALECTS},
+    **{(d, "crash"): ErrorClass.SERVER_ERROR for d in DIALECTS},
+    **{(d, "down"): ErrorClass.UPSTREAM_UNAVAILABLE for d in DIALECTS},
+    ("http", "fail"): ErrorClass.SERVER_ERROR,  # a plain HTTP upstream cannot say "the function failed"
+    ("http", "timeout"): ErrorClass.UPSTREAM_TIMEOUT,
+}
+
+
 @pytest.mark.parametrize("dialect", DIALECTS)
-async def test_upstream_error_through_the_gateway(tmp_path: Path, dialect: str, behaviour: str) -> None:
-    native = DIALECT_REPLIES[dialect](behaviour, b"")
+async def test_upstream_errors_through_the_gateway(tmp_path: Path, dialect: str) -> None:
+    """Each behaviour of the simulated platform, directly and through the gateway."""
     async with simulated(dialect) as upstream, gateway_before(tmp_path, dialect, upstream.url) as client:
-        direct = await _post(upstream.url + path_for(dialect, behaviour))
-        before = upstream_calls(upstream, behaviour)
-        response = await client.post(path_for(dialect, behaviour), content=b'{"x": 1}', headers={"X-Request-ID": f"req-{behaviour}"})
-        attempts = upstream_calls(upstream, behaviour) - before
-    assert response.status_code == direct.status_code == native.status
+        for behaviour in BEHAVIOURS:
+            direct = await _post(upstream.url + path_for(dialect, behaviour))
+            before = upstream_calls(upstream, behaviour)
+            response = await client.post(path_for(dialect, behaviour), content=b'{"x": 1}', headers={"X-Request-ID": f"req-{behaviour}"})
+            attempts = upstream_calls(upstream, behaviour) - before
+            check_upstream_error(dialect, behaviour, direct, response, attempts)
+
+
+def check_upstream_error(dialect: str, behaviour: str, direct: httpx.Response, response: httpx.Response, attempts: int) -> None:
+    assert response.status_code == direct.status_code == DIALECT_REPLIES[dialect](behaviour, b"").status, behaviour
     problem = response_problem(response)
+    assert problem["class"] == UPSTREAM_CLASSES[(dialect, behaviour)].value, behaviour
     check_problem_semantics(problem, response.status_code, f"req-{behaviour}", "up", attempts)
     assert response.headers["x-request-id"] == f"req-{behaviour}"
     for name in NATIVE_HEADERS[dialect]:
-        assert response.headers.get(name) == direct.headers.get(name), name
+        assert response.headers.get(name) == direct.headers.get(name), (behaviour, name)
     if dialect == "http":
         assert problem["detail"] == direct.text and problem["code"] == f"http.{direct.status_code}"
     else:
-        assert without_problem(response.json()) == direct.json()
+        assert without_problem(response.json()) == direct.json(), behaviour
     if not problem["retryable"]:
-        assert attempts == 1
+        assert attempts == 1, behaviour
 
 
 async def _post(url: str) -> httpx.Response:
