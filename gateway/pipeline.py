@@ -52,6 +52,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 ATTEMPT_HEADER = "X-Gateway-Attempt"
+INTERNAL_FAULT = Outcome(ErrorClass.GATEWAY_ERROR, 500, "gateway.internal", "the gateway failed to handle this request", made_by_gateway=True)
+SHUTDOWN_CUT = Outcome(ErrorClass.GATEWAY_ERROR, 503, "gateway.shutting_down", "the gateway shut down before this request finished (server.shutdown_grace_s passed)", made_by_gateway=True)
 STREAM_WATCH_BYTES = 64 * 1024
 SMALL_BODY_BYTES = 64 * 1024  # a success body up to this declared length is relayed in one message
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-gateway-attempt"}
@@ -147,6 +149,9 @@ class Pipeline:
         except Exception:  # a bug in the gateway must still answer, and never as an upstream fault
             log.exception("unhandled error in request %s", exchange.request_id)
             await self._answer_gateway_fault(exchange)
+        except asyncio.CancelledError:  # uvicorn cancels what outlasts shutdown_grace_s; its own answer is a bare text 500
+            await self._answer_gateway_fault(exchange, SHUTDOWN_CUT)
+            raise
         finally:
             if exchange.disconnect_watch is not None:
                 exchange.disconnect_watch.cancel()
@@ -422,11 +427,10 @@ class Pipeline:
         detail = f"request body exceeds {self.rt.max_body_bytes} bytes"
         await self._respond_gateway(exchange, dialect, Outcome(ErrorClass.CLIENT_ERROR, 413, "gateway.body_too_large", detail, made_by_gateway=True))
 
-    async def _answer_gateway_fault(self, exchange: Exchange) -> None:
+    async def _answer_gateway_fault(self, exchange: Exchange, outcome: Outcome = INTERNAL_FAULT) -> None:
         if exchange.status:
             return  # the response had started: nothing sane can be added
         dialect = exchange.plan.dialect if exchange.plan else None
-        outcome = Outcome(ErrorClass.GATEWAY_ERROR, 500, "gateway.internal", "the gateway failed to handle this request", made_by_gateway=True)
         try:
             await self._respond_gateway(exchange, dialect, outcome)
         except Exception:
