@@ -264,20 +264,25 @@ async def test_sigterm_finishes_every_request_in_flight_within_the_grace(tmp_pat
     assert exit_code in (0, -signal.SIGTERM)
 
 
-async def test_sigterm_past_the_grace_closes_what_is_left_instead_of_hanging(tmp_path: Path) -> None:
+async def test_sigterm_past_the_grace_answers_what_is_left_with_the_envelope(tmp_path: Path) -> None:
     grace_s = 1.0
     async with faulty_upstream(Behaviour(delay_s=20.0)) as upstream:
         config = write_config(tmp_path, gateway_yaml(upstream.url, per_try_s=30, total_s=30, extra=f"server: {{shutdown_grace_s: {grace_s}}}\n"))
         with gateway_process(config) as gw:
-            calls = [asyncio.create_task(call(gw.url, bound_s=15)) for _ in range(3)]
+            ids = [uuid.uuid4().hex for _ in range(3)]
+            calls = [asyncio.create_task(call(gw.url, request_id=rid, bound_s=15)) for rid in ids]
             await wait_for(lambda: len(upstream.received) == 3, 10)
             stopped_at = time.monotonic()
             gw.process.send_signal(signal.SIGTERM)
             results = await asyncio.gather(*calls)
             exit_code = await asyncio.to_thread(gw.process.wait, 15)
             took_s = time.monotonic() - stopped_at
-    assert all(r.closed and len(r.responses) <= 1 for r in results)  # closed, at most one answer, no hang
-    assert took_s < grace_s + 5.0
+            log = gw.log()
+    assert all(r.closed and len(r.responses) == 1 and r.only.complete for r in results)
+    assert [(r.only.status, problem(r)["code"], problem(r)["attempts"], r.only.headers["x-request-id"]) for r in results] == [(503, "gateway.shutting_down", 1, rid) for rid in ids]
+    logged = [orjson.loads(line) for line in log.splitlines() if line.startswith('{"time"') and '"request_id"' in line]
+    assert sorted((line["request_id"], line["status"], line["class"]) for line in logged) == sorted((rid, 503, "gateway_error") for rid in ids)
+    assert grace_s <= took_s < grace_s + 5.0
     assert exit_code in (0, -signal.SIGTERM)
 
 
