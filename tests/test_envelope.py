@@ -280,7 +280,6 @@ async def test_success_passes_untouched(tmp_path: Path, dialect: str) -> None:
         response = await client.post(path_for(dialect, "ok"), content=b"{}")
     assert response.status_code == 200 and response.content == body
     assert response.headers["content-type"] == "application/json"
-    assert "problem" not in response.headers.get("content-type", "")
 
 
 async def test_lambda_success_mentioning_an_error_is_not_rewritten(tmp_path: Path) -> None:
@@ -307,7 +306,7 @@ UNREADABLE = [
 
 @pytest.mark.parametrize(("dialect", "reply", "expected"), UNREADABLE, ids=[f"{d}-{r.status}-{len(r.body)}" for d, r, _ in UNREADABLE])
 async def test_unreadable_error_body(tmp_path: Path, dialect: str, reply: Reply, expected: ErrorClass) -> None:
-    async with simulated(dialect) as upstream, gateway_before(tmp_path, dialect, upstream.url, top="") as client:
+    async with simulated(dialect) as upstream, gateway_before(tmp_path, dialect, upstream.url) as client:
         upstream.script(*[reply] * 2)
         response = await client.post(path_for(dialect, "scripted"), content=b"{}")
         attempts = upstream.count("/scripted")
