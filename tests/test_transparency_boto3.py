@@ -23,7 +23,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from gateway.simulators import SimulatedUpstream
-from tests.harness import RunningGateway, running_gateway, simulated, upstream_config, write_config
+from tests.harness import RunningGateway, free_port, running_gateway, simulated, upstream_config, write_config
 from tests.problem_schema import assert_problem, without_problem
 
 ROUTE = "/2015-03-31/functions/{function}/invocations"
@@ -68,6 +68,10 @@ def lambda_client(session: boto3.session.Session, endpoint_url: str, access_key:
 
 
 def invoke(client: BaseClient, function: str) -> Observed:
+    return invoke_with(client, function, PAYLOAD)
+
+
+def invoke_with(client: BaseClient, function: str, payload: bytes) -> Observed:
     """Invoke with boto3 and keep what it resolved or raised (blocking: run it in a thread)."""
     seen: dict[str, Any] = {}
 
@@ -78,7 +82,7 @@ def invoke(client: BaseClient, function: str) -> Observed:
 
     client.meta.events.register("after-call.lambda.Invoke", keep_raw)
     try:
-        response = client.invoke(FunctionName=function, Payload=PAYLOAD)
+        response = client.invoke(FunctionName=function, Payload=payload)
     except ClientError as error:
         observed = Observed("raised", raised_fields(client, error))
     else:
@@ -197,3 +201,27 @@ async def test_gateway_rate_limit_raises_too_many_requests(tmp_path: Path, sessi
     problem = gateway_problem(second)
     assert (problem["class"], problem["code"], problem["attempts"]) == ("rate_limited", "gateway.rate_limited", 0)
     assert second.fields["Error"]["Message"] == problem["detail"]
+
+
+async def test_gateway_made_errors_raise_modelled_exceptions(tmp_path: Path, session: boto3.session.Session) -> None:
+    """413 -> RequestTooLargeException; refused upstream (502) and open circuit (503) -> ServiceException."""
+    text = (
+        "server: {max_body_bytes: 1024}\n"
+        "breaker_policies:\n  touchy: {fail_max: 1, reset_timeout_s: 30}\n"
+        "upstreams:\n" + upstream_config("aws", f"http://127.0.0.1:{free_port()}", "lambda", [ROUTE], retry="none", breaker="touchy")
+    )
+    async with running_gateway(write_config(tmp_path, text)) as gateway:
+        client = lambda_client(session, gateway.url)
+        too_large = await asyncio.to_thread(invoke_with, client, "f", b"x" * 2048)
+        refused = await asyncio.to_thread(invoke_with, client, "f", PAYLOAD)
+        circuit = await asyncio.to_thread(invoke_with, client, "f", PAYLOAD)
+    expected = [
+        (too_large, "RequestTooLargeException", 413, "gateway.body_too_large"),
+        (refused, "ServiceException", 502, "gateway.upstream_unavailable"),
+        (circuit, "ServiceException", 503, "gateway.circuit_open"),
+    ]
+    for observed, name, status, code in expected:
+        assert (observed.outcome, observed.fields["exception"], observed.fields["modelled"]) == ("raised", name, True)
+        problem = gateway_problem(observed)
+        assert (observed.fields["HTTPStatusCode"], problem["code"]) == (status, code)
+        assert observed.fields["Error"] == {"Code": name, "Message": problem["detail"]}
