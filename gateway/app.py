@@ -254,7 +254,6 @@ async def build_services(settings: Settings, clock: Callable[[], float], wall_cl
     metrics = Metrics()
     breakers = BreakerRegistry(wall_clock, _transition_logger(metrics))
     upstream = UpstreamClient(max_connections=sum(u.max_connections for u in config.upstreams.values()))
-    await upstream.start()
     store: RedisStore | None = None
     replicator: BreakerReplicator | None = None
     if config.state.redis_url:
@@ -269,6 +268,7 @@ async def build_services(settings: Settings, clock: Callable[[], float], wall_cl
         deduper = build_deduper(config, None, metrics, clock)
     metrics.watch_state(breakers, store, config.state.on_redis_error)
     signer = signer_if_needed(config)
+    await upstream.start()  # last: nothing above may leave an open session behind when it fails
     tracing = tracing_from_environment()
     client: Any = upstream if tracing is None else tracing.wrap_upstream(upstream)
     access_log = AccessLog(wall_clock=wall_clock, annotate=None if tracing is None else tracing.annotate)

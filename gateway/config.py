@@ -28,11 +28,24 @@ class ServerConfig(Frozen):
     shutdown_grace_s: float = Field(10.0, ge=0)
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+
+
 class StateConfig(Frozen):
     redis_url: str | None = None
     on_redis_error: Literal["local", "allow", "deny"] = "local"
     redis_timeout_s: float = Field(0.05, gt=0, le=5)
     redis_max_connections: int = Field(64, ge=1)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        scheme, separator, rest = url.partition("://")
+        if not separator or scheme not in REDIS_SCHEMES or not rest:
+            raise ValueError(f"must be a Redis URL ({', '.join(s + '://' for s in REDIS_SCHEMES)}), or null for process memory")
+        return url
 
 
 class AdminConfig(Frozen):
