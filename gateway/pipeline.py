@@ -409,6 +409,7 @@ class Pipeline:
             body = await reply.read_whole()
         except UpstreamBodyError:
             reply.close()
+            exchange.error_class = ErrorClass.UPSTREAM_UNAVAILABLE  # logged and counted as the upstream's failure, not a success
             raise ClientDisconnected() from None  # headers are out: the only honest signal is to cut the response
         reply.release()
         await exchange.send({"type": "http.response.body", "body": body, "more_body": False})
