@@ -66,6 +66,15 @@ class Metrics:
         self.config_loaded = Gauge("gateway_config_loaded_timestamp_seconds", "When the running configuration was loaded (epoch s)", registry=r)
         self.coalesced = Counter("gateway_dedupe_total", "Requests answered from another request's invocation", ["upstream", "kind"], registry=r)
         self.config_loaded.set_to_current_time()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: prometheus validates and takes a lock on every `labels` call."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -210,7 +210,8 @@ class Pipeline:
     async def _take_token(self, exchange: Exchange, plan: UpstreamPlan) -> bool:
         policy = self.rt.bucket_policy(exchange.account)
         decision: Decision = await self.rt.limiter.take(bucket_key(plan.name, exchange.account), policy)
-        self.rt.metrics.ratelimit.labels(plan.name, "allowed" if decision.allowed else "refused", decision.source).inc()
+        metrics = self.rt.metrics
+        metrics.child(metrics.ratelimit, plan.name, "allowed" if decision.allowed else "refused", decision.source).inc()
         if decision.source == "unavailable":
             outcome = Outcome(ErrorClass.GATEWAY_ERROR, 503, "gateway.ratelimit_unavailable", "rate-limit state is unreachable", made_by_gateway=True)
             await self._respond_gateway(exchange, plan.dialect, outcome)
@@ -326,8 +327,9 @@ class Pipeline:
         except BaseException:
             admission.release()  # a cancelled or abandoned request is not a failure
             raise
-        self.rt.metrics.upstream_latency.labels(plan.name).observe(self.rt.clock() - started)
-        self.rt.metrics.attempts.labels(plan.name, answer.outcome.error_class.value if answer.outcome.error_class else "success").inc()
+        metrics = self.rt.metrics
+        metrics.child(metrics.upstream_latency, plan.name).observe(self.rt.clock() - started)
+        metrics.child(metrics.attempts, plan.name, answer.outcome.error_class.value if answer.outcome.error_class else "success").inc()
         _record(admission, answer.outcome)
         return answer
 
@@ -453,8 +455,9 @@ class Pipeline:
         plan = exchange.plan
         duration = self.rt.clock() - exchange.started
         upstream = plan.name if plan else "-"
-        self.rt.metrics.requests.labels(upstream, exchange.error_class.value if exchange.error_class else "success", str(exchange.status)).inc()
-        self.rt.metrics.request_latency.labels(upstream).observe(duration)
+        metrics = self.rt.metrics
+        metrics.child(metrics.requests, upstream, exchange.error_class.value if exchange.error_class else "success", str(exchange.status)).inc()
+        metrics.child(metrics.request_latency, upstream).observe(duration)
         match = exchange.match
         self.rt.access_log.write(
             AccessRecord(
