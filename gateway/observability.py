@@ -198,6 +198,7 @@ class AccessLog:
         self._wall_clock = wall_clock
         self._annotate = annotate
         self._pid = os.getpid()
+        self._second: tuple[int, str] = (-1, "")
 
     def write(self, record: AccessRecord) -> None:
         if self._annotate is not None:
@@ -208,7 +209,7 @@ class AccessLog:
 
     def line(self, record: AccessRecord) -> dict[str, Any]:
         line: dict[str, Any] = {
-            "time": format_time(self._wall_clock()),
+            "time": self._time(self._wall_clock()),
             "request_id": record.request_id,
             "method": record.method,
             "route": record.route,
@@ -224,6 +225,13 @@ class AccessLog:
         if record.replayed:
             line["replayed"] = True
         return line
+
+    def _time(self, epoch_s: float) -> str:
+        """`format_time`, with the part up to the seconds formatted once per second (strftime is most of its cost)."""
+        whole = int(epoch_s)
+        if self._second[0] != whole:
+            self._second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+        return f"{self._second[1]}.{int(epoch_s * 1000) % 1000:03d}Z"
 
 
 def format_time(epoch_s: float) -> str:
