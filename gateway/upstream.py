@@ -107,6 +107,15 @@ def strip_hop_by_hop(headers: RawHeaders) -> RawHeaders:
     return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
 
 
+def credentials_from_url(url: yarl.URL, headers: list[tuple[str, str]]) -> tuple[yarl.URL, list[tuple[str, str]]]:
+    """Credentials in the upstream's URL become its Authorization, replacing the caller's (as
+    `aws_sigv4` replaces a caller's signature): aiohttp refuses a request carrying both."""
+    if url.user is None:
+        return url, headers
+    kept = [(name, value) for name, value in headers if name.lower() != "authorization"]
+    return url.with_user(None), [*kept, ("Authorization", aiohttp.BasicAuth.from_url(url).encode())]
+
+
 class UpstreamClient:
     """One connection pool for the process; built in the app's lifespan, closed there."""
 
@@ -148,12 +157,13 @@ class UpstreamClient:
         """One attempt; `per_try_s` bounds the time until the response headers arrive."""
         assert self._session is not None, "UpstreamClient.start() was not awaited"
         timeout = self._timeout(connect_s, per_try_s)
+        url, headers = credentials_from_url(yarl.URL(request.url, encoded=True), request.headers)
         try:
             async with asyncio.timeout(per_try_s):
                 response = await self._session.request(
                     request.method,
-                    yarl.URL(request.url, encoded=True),
-                    headers=request.headers,
+                    url,
+                    headers=headers,
                     data=request.body,
                     timeout=timeout,
                     allow_redirects=False,
