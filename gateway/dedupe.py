@@ -55,6 +55,7 @@ Sleep = Callable[[float], Awaitable[None]]
 
 REPLAY_HEADER = b"x-gateway-replayed"
 KEY_PREFIX = "gateway:dedupe:"
+IDENTITY_HEADERS = frozenset({b"cookie", b"x-api-key", b"x-amz-security-token"})  # stable across one caller's retries
 MEMORY_MAX_BYTES = 64 * 1024 * 1024
 LEASE_S = 3.0
 POLL_FIRST_S = 0.025
@@ -114,6 +115,12 @@ def credential_of(authorization: bytes | None) -> bytes:
     return authorization
 
 
+def identity_of(headers: Headers) -> tuple[bytes, ...]:
+    """The caller's credentials besides Authorization (cookies, API keys): without them, a caller
+    who sent another's id and body would be served the other caller's stored response."""
+    return tuple(name + b"=" + value for name, value in headers if name in IDENTITY_HEADERS)
+
+
 def _auth_param(authorization: bytes, name: bytes) -> bytes:
     for part in authorization.split(b" ", 1)[-1].split(b","):
         key, _, value = part.strip().partition(b"=")
@@ -138,6 +145,7 @@ def request_key(scope: dict[str, Any], upstream: str, account: str | None, funct
         scope.get("query_string", b""),
         *found,
         credential_of(authorization),
+        *identity_of(headers),
         hashlib.sha256(body).digest(),
     )
     digest = hashlib.sha256()
