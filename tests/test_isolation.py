@@ -115,6 +115,31 @@ async def test_with_scope_upstream_one_breaker_covers_every_function_as_configur
     assert sim.count("/ok/") == 0
 
 
+# --- coalescing never crosses callers ------------------------------------------------------
+
+IDENTITIES = {
+    "X-Api-Key": ("alice-key", "mallory-key"),
+    "Cookie": ("session=alice", "session=mallory"),
+    "Authorization": ("Bearer alice", "Bearer mallory"),
+    "X-Amz-Security-Token": ("alice-sts", "mallory-sts"),
+}
+
+
+@pytest.mark.parametrize("header", list(IDENTITIES))
+async def test_another_callers_id_and_body_never_fetch_their_response(tmp_path: Path, header: str) -> None:
+    """Dedupe answers a caller's own retry from the stored response, never someone else's."""
+    alice, mallory = IDENTITIES[header]
+    async with simulated("http") as sim:
+        text = "upstreams:\n" + upstream_config("web", sim.url, "http", ["/web/{function}"])  # no account in the path
+        async with running_gateway(write_config(tmp_path, text)) as gw, gw.client() as client:
+            first = await client.post("/web/ok", content=b"private", headers={"X-Request-ID": "r-1", header: alice})
+            retry = await client.post("/web/ok", content=b"private", headers={"X-Request-ID": "r-1", header: alice})
+            other = await client.post("/web/ok", content=b"private", headers={"X-Request-ID": "r-1", header: mallory})
+    assert [first.status_code, retry.status_code, other.status_code] == [200, 200, 200]
+    assert (retry.headers.get("x-gateway-replayed"), other.headers.get("x-gateway-replayed")) == ("true", None)
+    assert len(sim.calls) == 2
+
+
 # --- the admin API --------------------------------------------------------------------------
 
 TOKEN = "SECRET-ADMIN-TOKEN-4411"
