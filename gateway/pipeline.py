@@ -456,7 +456,7 @@ class Pipeline:
         duration = self.rt.clock() - exchange.started
         upstream = plan.name if plan else "-"
         metrics = self.rt.metrics
-        metrics.child(metrics.requests, upstream, exchange.error_class.value if exchange.error_class else "success", str(exchange.status)).inc()
+        metrics.child(metrics.requests, upstream, _class_label(exchange), str(exchange.status)).inc()
         metrics.child(metrics.request_latency, upstream).observe(duration)
         match = exchange.match
         self.rt.access_log.write(
@@ -474,6 +474,13 @@ class Pipeline:
                 replayed=exchange.replayed,
             )
         )
+
+
+def _class_label(exchange: Exchange) -> str:
+    """The metric label: the error class, `success`, or `client_closed` when the client left (499)."""
+    if exchange.error_class is not None:
+        return exchange.error_class.value
+    return "client_closed" if exchange.status == 499 else "success"
 
 
 @dataclass(slots=True)

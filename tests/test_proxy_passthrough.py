@@ -491,7 +491,7 @@ async def test_client_leaving_mid_upload_is_not_an_upstream_failure(tmp_path: Pa
                     break
                 await asyncio.sleep(0.02)
     [answered] = metric_lines(metrics, "gateway_requests_total")
-    assert 'status="499"' in answered
+    assert 'status="499"' in answered and 'class="client_closed"' in answered
     assert metric_lines(metrics, "gateway_upstream_attempts_total") == []
     assert upstream.calls == []
 
