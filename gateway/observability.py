@@ -242,6 +242,11 @@ def format_time(epoch_s: float) -> str:
 
 def configure_logging(level: str = "INFO") -> None:
     """Plain lines on stderr: the access log is already JSON, other loggers get a JSON-ish prefix."""
+    # No formatter here reads the caller's file/line or the thread: skip collecting them for every
+    # record, the access log's included (the logging HOWTO's "Optimization" switches).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access = logging.getLogger(ACCESS_LOGGER)
