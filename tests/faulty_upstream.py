@@ -53,6 +53,7 @@ class Received:
     target: str
     headers: dict[str, str]  # lower-case names, last value wins
     body: bytes
+    raw_headers: tuple[tuple[str, str], ...] = ()  # as they arrived: names as sent, repeats kept
 
 
 @dataclass
@@ -118,13 +119,10 @@ class FaultyUpstream:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, target, _ = lines[0].split(" ", 2)
-        headers = {}
-        for line in lines[1:]:
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
+        raw = tuple((name.strip(), value.strip()) for name, _, value in (line.partition(":") for line in lines[1:] if line))
+        headers = {name.lower(): value for name, value in raw}
         body = await read_body(reader, headers)
-        request = Received(method, target, headers, body)
+        request = Received(method, target, headers, body, raw)
         self.received.append(request)
         return request
 
@@ -289,6 +287,29 @@ async def exchange(url: str, request: bytes, bound_s: float) -> Exchanged:
     return Exchanged(parse_responses(bytes(data)), closed, time.monotonic() - started)
 
 
+def exchange_blocking(url: str, request: bytes, bound_s: float) -> Exchanged:
+    """`exchange` for code outside an event loop (hypothesis examples against a gateway in a thread)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    started = time.monotonic()
+    data = bytearray()
+    closed = False
+    with socket.create_connection((host, int(port)), timeout=bound_s) as conn:
+        try:
+            conn.sendall(request)
+            while time.monotonic() - started < bound_s:
+                conn.settimeout(max(0.01, bound_s - (time.monotonic() - started)))
+                chunk = conn.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                data += chunk
+        except TimeoutError:
+            pass
+        except ConnectionError:
+            closed = True
+    return Exchanged(parse_responses(bytes(data)), closed, time.monotonic() - started)
+
+
 def parse_responses(data: bytes) -> list[RawResponse]:
     """Every HTTP/1.1 response in `data`, in order, framed by Content-Length or chunking."""
     responses = []
@@ -298,13 +319,21 @@ def parse_responses(data: bytes) -> list[RawResponse]:
             break
         lines = head.decode("latin-1").split("\r\n")
         headers = {n.strip().lower(): v.strip() for n, _, v in (line.partition(":") for line in lines[1:])}
-        body, complete, data = frame_body(rest, headers)
-        responses.append(RawResponse(int(lines[0].split(" ")[1]), headers, body, complete))
+        status = int(lines[0].split(" ")[1])
+        body, complete, data = frame_body(rest, headers, status)
+        responses.append(RawResponse(status, headers, body, complete))
     return responses
 
 
-def frame_body(rest: bytes, headers: dict[str, str]) -> tuple[bytes, bool, bytes]:
+def final_responses(responses: list[RawResponse]) -> list[RawResponse]:
+    """Without interim 1xx answers (100 Continue precedes the real one)."""
+    return [r for r in responses if r.status >= 200]
+
+
+def frame_body(rest: bytes, headers: dict[str, str], status: int) -> tuple[bytes, bool, bytes]:
     """(body, complete, what follows) for one response body at the start of `rest`."""
+    if status < 200 or status in (204, 304):
+        return b"", True, rest
     if headers.get("transfer-encoding", "").lower() == "chunked":
         return unchunk(rest)
     if "content-length" in headers:

@@ -18,7 +18,7 @@ import httpx
 import jsonschema
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gateway.simulators import Reply, SimulatedUpstream
@@ -210,3 +210,232 @@ async def _one_fuzzed_request(tmp_path: Path, path: str, query: str, header_valu
             assert_valid_problem(data.get("problem", data))
         for call in upstream.calls:
             assert call.body == body
+
+
+# --- properties against one gateway shared by many examples ---------------------------------
+#
+# The gateway, its upstreams and Redis run once per module in a background thread with its own
+# event loop; each hypothesis example is a blocking raw-socket request against it, so hundreds
+# of examples take seconds. Breakers never open (fail_max is huge) and nothing is retried, so
+# an example never changes what the next one sees except through the state it checks.
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import queue  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from urllib.parse import quote  # noqa: E402
+
+import redis as redis_client  # noqa: E402
+
+from tests.faulty_upstream import ANSWER, Exchanged, FaultyUpstream, RawResponse, exchange_blocking, final_responses, request_bytes  # noqa: E402
+from tests.redis_servers import RedisProcess, remove_workdir, start_redis  # noqa: E402
+
+RAW_ROUTE = "/raw/account/{account}/lambdas/{function}/invoke"
+BOUND_S = 5.0
+
+
+class SharedGateway:
+    """Not a dataclass: hypothesis prints a failing example's arguments field by field."""
+
+    def __init__(self, url: str, lp: SimulatedUpstream, raw: FaultyUpstream, redis: RedisProcess) -> None:
+        self.url = url
+        self.lp = lp  # scripted error bodies
+        self.raw = raw  # records the exact header lines that arrive
+        self.redis = redis
+
+    def __repr__(self) -> str:
+        return f"SharedGateway({self.url})"
+
+
+def shared_config(lp_url: str, raw_url: str, redis_url: str) -> str:
+    return (
+        "server: {max_body_bytes: 65536, max_header_bytes: 8192}\n"
+        f"state: {{redis_url: '{redis_url}', redis_timeout_s: 1}}\n"
+        "rate_limits: {default: {rate: 1, per_s: 3600, burst: 100000}}\n"  # slow refill: a used bucket's key stays for the run
+        "retry_policies: {once: {max_attempts: 1}}\n"
+        "breaker_policies: {never: {fail_max: 1000000000, reset_timeout_s: 1}}\n"
+        "upstreams:\n"
+        + upstream_config("lp", lp_url, "liveperson", LP_ROUTES, retry="once", breaker="never")
+        + upstream_config("raw", raw_url, "liveperson", [RAW_ROUTE], retry="once", breaker="never")
+    )
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedGateway]:
+    redis = start_redis()
+    ready: queue.Queue[tuple[SharedGateway, asyncio.AbstractEventLoop, asyncio.Event] | BaseException] = queue.Queue()
+    folder = tmp_path_factory.mktemp("shared-gateway")
+
+    async def serve() -> None:
+        try:
+            async with simulated("liveperson") as lp:
+                raw = await FaultyUpstream(default=ANSWER).start()
+                try:
+                    async with running_gateway(write_config(folder, shared_config(lp.url, raw.url, redis.url))) as gw:
+                        stop = asyncio.Event()
+                        ready.put((SharedGateway(gw.url, lp, raw, redis), asyncio.get_running_loop(), stop))
+                        await stop.wait()
+                finally:
+                    await raw.stop()
+        except BaseException as exc:
+            ready.put(exc)
+            raise
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        started = ready.get(timeout=30)
+        if isinstance(started, BaseException):
+            raise started
+        gateway, loop, stop = started
+        try:
+            yield gateway
+        finally:
+            loop.call_soon_threadsafe(stop.set)
+            thread.join(30)
+    finally:
+        redis.close()
+        remove_workdir(redis)
+
+
+def final_answer(exchanged: Exchanged) -> RawResponse:
+    finals = final_responses(exchanged.responses)
+    assert len(finals) == 1, exchanged.responses  # one answer: never none (a hang), never two
+    return finals[0]
+
+
+def assert_envelope(response: RawResponse) -> dict:
+    data = orjson.loads(response.body)
+    problem = data.get("problem", data)
+    assert_valid_problem(problem)
+    assert problem["code"] != "gateway.internal" and problem["status"] == response.status
+    return problem
+
+
+# Header names: the ones a proxy must own or drop, in any letter case, and arbitrary tokens.
+GATEWAY_OWNED = ["Host", "Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Connection", "Proxy-Authorization", "X-Gateway-Attempt", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Request-ID", "Expect"]
+TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection", "proxy-authorization"}
+
+
+def any_case(name: str) -> st.SearchStrategy[str]:
+    return st.lists(st.booleans(), min_size=len(name), max_size=len(name)).map(lambda flips: "".join(c.upper() if f else c.lower() for c, f in zip(name, flips)))
+
+
+HEADER_NAMES = st.one_of(
+    st.sampled_from(GATEWAY_OWNED).flatmap(any_case),
+    st.text(alphabet=TOKEN_CHARS, min_size=1, max_size=40),
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40),  # ( ) , / : ; < = > ? @ [ \ ] { } " too
+)
+HEADER_VALUES = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers=st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), min_size=1, max_size=6))
+def test_property_header_names_and_values_never_confuse_what_the_upstream_gets(shared: SharedGateway, headers: list[tuple[str, str]]) -> None:
+    body = b'{"n": 1}'
+    head = f"POST /raw/account/acct/lambdas/ok/invoke HTTP/1.1\r\nHost: gateway\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers) + "Connection: close\r\n\r\n"
+    before = len(shared.raw.received)
+    response = final_answer(exchange_blocking(shared.url, head.encode() + body, BOUND_S))
+    arrived = shared.raw.received[before:]
+    event(f"status {response.status}")
+    assert response.status in (200, 400, 413, 431), response
+    if response.status != 200:
+        assert_envelope(response)
+        assert arrived == []
+        return
+    if response.headers.get("x-gateway-replayed") == "true":  # a fuzzed X-Request-ID seen before, same body
+        assert arrived == [] and response.body == ANSWER.body
+        return
+    assert response.body == ANSWER.body and len(arrived) == 1
+    names = [name.lower() for name, _ in arrived[0].raw_headers]
+    assert names.count("host") == 1 and arrived[0].headers["host"] == f"127.0.0.1:{shared.raw.port}"
+    assert names.count("x-gateway-attempt") == 1 and arrived[0].headers["x-gateway-attempt"] == "1"
+    assert names.count("x-request-id") == 1 and names.count("content-length") + names.count("transfer-encoding") == 1
+    assert not HOP_BY_HOP & set(names) - {"transfer-encoding"}
+    assert arrived[0].body == body
+
+
+# JSON error bodies from the upstream: any shape, with the fields the LivePerson pack reads.
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=2**63, max_value=2**70), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30))
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
+LP_CODES = st.sampled_from(["com.liveperson.faas.handler.custom-failure", "com.liveperson.faas.es.unavailable", "com.liveperson.faas.es.general", "com.liveperson.faas.es.badinput", "com.customer.faas.function.threw-error", "com.liveperson.faas.function.not-found"])
+LP_FIELDS = st.fixed_dictionaries({}, optional={"errorCode": LP_CODES | JSON_VALUES, "errorMsg": JSON_VALUES, "code": LP_CODES | JSON_VALUES, "message": JSON_VALUES, "problem": JSON_VALUES})
+ERROR_BODIES = st.one_of(LP_FIELDS, st.tuples(LP_FIELDS, st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=3)).map(lambda t: {**t[1], **t[0]}), JSON_VALUES)
+ERROR_STATUSES = st.sampled_from([400, 401, 403, 404, 405, 408, 409, 413, 429, 500, 501, 502, 503, 504, 599, 901])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(status=ERROR_STATUSES, body=ERROR_BODIES)
+def test_property_any_json_error_body_gets_the_envelope_and_keeps_its_fields(shared: SharedGateway, status: int, body: object) -> None:
+    raw = json.dumps(body).encode()  # orjson cannot write integers beyond 64 bits; an upstream can
+    shared.lp.script(Reply(status, raw, (("Content-Type", "application/json"),)))
+    request = request_bytes("POST", "/api/account/acct/lambdas/f/invoke", b"{}")
+    response = final_answer(exchange_blocking(shared.url, request, BOUND_S))
+    assert response.status == status and response.complete
+    problem = assert_envelope(response)
+    assert problem["attempts"] == 1 and problem["upstream"] == "lp"
+    answered = orjson.loads(response.body)
+    readable = as_orjson_reads(raw)
+    event(f"class {problem['class']}")
+    if isinstance(readable, dict):  # the native fields the dialect's client reads survive
+        assert {k: v for k, v in answered.items() if k != "problem"} == {k: v for k, v in readable.items() if k != "problem"}
+    else:  # not an object: fresh native fields
+        assert set(answered) == {"errorCode", "errorMsg", "problem"}
+
+
+def as_orjson_reads(raw: bytes) -> object:
+    """The body as the gateway reads it: integers beyond 64 bits come back as floats (a known limit)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+# Account ids that try to reach other Redis keys: every character class, encoded into the path.
+ACCOUNT_CHARS = st.one_of(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E),
+    st.sampled_from(["{", "}", ":", "*", "?", "[", "]", "\\", "/", " ", "\t", "\r", "\n", "\x00", "%", "é", "\u2028", "\U0001f600"]),
+)
+ACCOUNT_IDS = st.one_of(
+    st.text(alphabet=ACCOUNT_CHARS, min_size=0, max_size=24),
+    st.sampled_from(["*", "gw:rl:*", "a}{b", "{lp}", "a\r\nFLUSHALL\r\n", "..", ".", "x" * 256, "x" * 257]),
+)
+
+
+def acceptable_account(account: str) -> bool:
+    """SPEC.md's refusals plus the rate limiter's: 1-256 visible ASCII characters, no braces, no dot segment, no slashes."""
+    return (
+        0 < len(account) <= 256
+        and all("!" <= c <= "~" for c in account)
+        and not set(account) & set("{}/\\")
+        and account not in (".", "..")
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(account=ACCOUNT_IDS)
+def test_property_account_ids_reach_exactly_their_own_redis_key(shared: SharedGateway, account: str) -> None:
+    client = redis_client.Redis(port=shared.redis.port)
+    try:
+        client.set("bystander", b"untouched")
+        before = set(client.keys("*"))
+        target = "/raw/account/" + quote(account.encode("utf-8", "surrogatepass"), safe="") + "/lambdas/ok/invoke"  # an upstream that always answers 200
+        response = final_answer(exchange_blocking(shared.url, request_bytes("POST", target, b"{}"), BOUND_S))
+        after = set(client.keys("*"))
+        assert client.get("bystander") == b"untouched" and before <= after  # nothing removed or overwritten
+        own_key = f"gw:rl:{{raw:{account}}}".encode()
+        own_exists = bool(client.exists(own_key)) if acceptable_account(account) else False
+    finally:
+        client.close()
+    created = after - before
+    event(f"status {response.status}")
+    if acceptable_account(account):
+        assert response.status == 200, (account, response)
+        assert own_exists and created <= {own_key}  # its own bucket and nothing else (already there if seen before)
+    else:
+        assert response.status == 400 and assert_envelope(response)["code"] == "gateway.bad_request"
+        assert created == set()
