@@ -171,6 +171,7 @@ async def test_upstream_down_opens_the_breaker_and_the_half_open_probe_closes_it
         assert (answer.only.status, problem(answer)["code"], problem(answer)["attempts"]) == (503, "gateway.circuit_open", 0)
         assert int(answer.only.headers["retry-after"]) >= 1
     probe_statuses = Counter(p.only.status for p in probes)
+    print(f"\nfigures: down and back: probes {dict(probe_statuses)}, upstream received {len(upstream.received)}")
     assert probe_statuses[200] >= 1 and set(probe_statuses) <= {200, 503}
     assert [c.only.status for c in closed] == [200, 200, 200] and state == "closed"
     assert len(upstream.received) == probe_statuses[200] + 3  # nothing reached it while open
@@ -203,6 +204,7 @@ async def test_redis_killed_or_frozen_under_load(tmp_path: Path, caplog: pytest.
             sources = decision_sources(gw)
     sent = len(results)
     statuses = Counter(ex.only.status for _, ex in results if len(ex.responses) == 1)
+    print(f"\nfigures: redis {fault} ({mode}): {sent} requests, {dict(statuses)}, {len(sim.calls)} upstream calls, sources {sources}")
     assert all(ex.closed and len(ex.responses) == 1 and ex.only.complete for _, ex in results)
     lines = {line["request_id"]: line for line in access_lines(caplog)}
     assert set(lines) == {rid for rid, _ in results} and len(access_lines(caplog)) == sent
@@ -266,6 +268,7 @@ async def test_sigterm_finishes_every_request_in_flight_within_the_grace(tmp_pat
             results = await asyncio.gather(*calls)
             exit_code = await asyncio.to_thread(gw.process.wait, 15)
             log = gw.log()
+    print(f"\nfigures: SIGTERM with {in_flight} in flight: statuses {[r.only.status for r in results]}, slowest {max(r.elapsed_s for r in results):.2f} s")
     assert [(r.closed, len(r.responses), r.only.status, r.only.complete) for r in results] == [(True, 1, 200, True)] * in_flight
     assert [r.only.headers["x-request-id"] for r in results] == ids
     logged = [orjson.loads(line) for line in log.splitlines() if line.startswith('{"time"') and '"request_id"' in line]
