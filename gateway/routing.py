@@ -28,6 +28,12 @@ class Route:
     upstream: str
     template: str
     segments: tuple[str, ...]
+    # (position, name) of {account} and {function}, found once so a match looks only there
+    captures: tuple[tuple[int, str], ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        found = tuple((i, s[1:-1]) for i, s in enumerate(self.segments) if s in ("{account}", "{function}"))
+        object.__setattr__(self, "captures", found)
 
     @property
     def names_function(self) -> bool:
@@ -130,24 +136,25 @@ def _walk(node: _Node, segments: list[str], index: int) -> Route | None:
 
 
 def _accept(route: Route, segments: list[str]) -> RouteMatch | RefusedCapture:
-    values: dict[str, str] = {}
-    for template_segment, raw in zip(route.segments, segments):
-        name = template_segment[1:-1]
-        if name in ("account", "function"):
-            value = unquote(raw)
-            reason = capture_problem(raw, value)
-            if reason:
-                return RefusedCapture(route, f"{{{name}}} {reason}")
-            values[name] = value
-    function = values.get("function", route.template)
-    return RouteMatch(route, values.get("account"), function)
+    account = function = None
+    for index, name in route.captures:
+        raw = segments[index]
+        value = unquote(raw)
+        reason = capture_problem(raw, value)
+        if reason:
+            return RefusedCapture(route, f"{{{name}}} {reason}")
+        if name == "account":
+            account = value
+        else:
+            function = value
+    return RouteMatch(route, account, route.template if function is None else function)
 
 
 def capture_problem(raw: str, value: str) -> str | None:
     """Why a captured value is refused (SPEC.md), or None when it is acceptable."""
     if value in ("", ".", ".."):
         return "is empty or a dot segment"
-    if "/" in value or "\\" in value or "%2f" in raw.lower() or "%5c" in raw.lower():
+    if "/" in value or "\\" in value or ("%" in raw and ("%2f" in raw.lower() or "%5c" in raw.lower())):
         return "contains a slash or backslash"
     if _CONTROL.search(value):
         return "contains control characters"
