@@ -544,18 +544,26 @@ async def _unless_client_leaves(exchange: Exchange, call: Awaitable["Answer"]) -
     if watch is None or exchange.shared:
         return await call
     task = asyncio.ensure_future(call)
-    try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
+
+    def leave(_: asyncio.Future[Any]) -> None:
         task.cancel()
+
+    # a done-callback rather than asyncio.wait: this runs on every attempt, and wait() builds a
+    # future, a set and two callbacks each time; a cancel of this request also cancels `task`
+    watch.add_done_callback(leave)
+    try:
+        answer = await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if watch.done() and current is not None and not current.cancelling():
+            raise ClientDisconnected() from None
         raise
-    if task in done:
-        return task.result()
-    task.cancel()
-    await asyncio.wait({task})
-    if not task.cancelled() and task.exception() is None:
-        task.result().discard()  # it finished while being cancelled: nobody wants the answer
-    raise ClientDisconnected()
+    finally:
+        watch.remove_done_callback(leave)
+    if watch.done():
+        answer.discard()  # it finished as the client left: nobody wants the answer
+        raise ClientDisconnected()
+    return answer
 
 
 def _record(admission: Admission, outcome: Outcome) -> None:
