@@ -60,7 +60,7 @@ MIX = (
     ("ok", "acct", 55),
     ("fail", "acct", 15),  # 901: a function error, never retried
     ("flaky", "acct", 10),  # 502, 502, then 200: two retries
-    ("crash", "acct", 5),  # 500 every time: three attempts, then its breaker opens for 2 s
+    ("crash", "acct", 5),  # 500 every time: three attempts; soon its breaker opens, and every probe reopens it
     ("throttle", "acct", 5),  # upstream 429
     ("ok", "limited", 10),  # over the account's 5/s: the gateway's own 429
 )
@@ -75,7 +75,7 @@ def soak_yaml(upstream_url: str, redis_url: str) -> str:
         + upstream_config("lp", upstream_url, "liveperson", [ROUTE], retry="soak", breaker="soak", timeouts=timeouts)
         + "rate_limits:\n  default: {rate: 100000, per_s: 1, burst: 100000}\n  accounts:\n    limited: {rate: 5, per_s: 1, burst: 5}\n"
         + "retry_policies:\n  soak: {max_attempts: 3, base_delay_s: 0.005, max_delay_s: 0.02, retry_after_max_s: 1, budget_ratio: 0.5, budget_min_per_s: 20}\n"
-        + "breaker_policies:\n  soak: {fail_max: 5, reset_timeout_s: 2}\n"
+        + "breaker_policies:\n  soak: {fail_max: 20, reset_timeout_s: 2}\n"
     )
 
 
@@ -235,6 +235,7 @@ def figures(tally: Tally, lines: list[dict[str, Any]], upstream_ids: Counter[str
         "answered_without_access_line": len(set(tally.answers) - set(logged_attempts)),
         "upstream_calls": sum(upstream_ids.values()),
         "logged_attempts": sum(logged_attempts.values()),
+        "retries": sum(attempts - 1 for attempts in logged_attempts.values() if attempts > 1),
         "requests_whose_calls_differ_from_logged_attempts": len(mismatched),
         "requests_per_s": round(tally.sent / seconds, 1),
         "slowest_s": round(tally.slowest_s, 3),
