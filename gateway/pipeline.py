@@ -52,6 +52,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 ATTEMPT_HEADER = "X-Gateway-Attempt"
+DISCONNECT_EXTENSION = "gateway.disconnect"  # scope["extensions"] key: a future resolved when the client goes
 INTERNAL_FAULT = Outcome(ErrorClass.GATEWAY_ERROR, 500, "gateway.internal", "the gateway failed to handle this request", made_by_gateway=True)
 SHUTDOWN_CUT = Outcome(ErrorClass.GATEWAY_ERROR, 503, "gateway.shutting_down", "the gateway shut down before this request finished (server.shutdown_grace_s passed)", made_by_gateway=True)
 STREAM_WATCH_BYTES = 64 * 1024
@@ -106,7 +107,10 @@ class Exchange:
     def watch_disconnect(self) -> None:
         """Start listening for the client going away (only once the body has been read)."""
         if self.disconnect_watch is None:
-            self.disconnect_watch = asyncio.ensure_future(_wait_disconnect(self.receive))
+            # the server's own signal when it gives one (gateway.server); a detached exchange's
+            # client is its flight, heard through `receive` like any other server's client
+            gone = None if self.shared else self.scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+            self.disconnect_watch = gone if gone is not None else asyncio.ensure_future(_wait_disconnect(self.receive))
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -19,6 +19,7 @@ from gateway.app import Gateway, create_app
 from gateway.envelope import ProblemContext, render_gateway_error
 from gateway.outcomes import ErrorClass, Outcome
 from gateway.observability import configure_logging
+from gateway.pipeline import DISCONNECT_EXTENSION
 from gateway.settings import load_settings
 from gateway.yamlsource import ConfigError
 
@@ -52,7 +53,24 @@ def _phrase(status: int) -> bytes:
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, answering unparseable requests with the problem envelope."""
+    """uvicorn's httptools protocol, answering unparseable requests with the problem envelope.
+
+    It also tells each request when its client goes away: a future in
+    `scope["extensions"][DISCONNECT_EXTENSION]`, resolved on connection loss, which the pipeline
+    watches instead of running a task per request that waits on `receive()`.
+    """
+
+    def on_headers_complete(self) -> None:
+        self.scope["extensions"] = {DISCONNECT_EXTENSION: self.loop.create_future()}
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            gone = cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+            if gone is not None and not gone.done():
+                gone.set_result(None)
 
     def send_400_response(self, msg: str) -> None:
         outcome = Outcome(ErrorClass.CLIENT_ERROR, 400, "gateway.bad_request", f"malformed HTTP request: {msg}", made_by_gateway=True)
