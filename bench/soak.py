@@ -87,6 +87,7 @@ class Tally:
     answers: dict[str, tuple[int, str]] = field(default_factory=dict)  # request id -> (status, class)
     errors: list[str] = field(default_factory=list)
     slowest_s: float = 0.0
+    finished_at: list[float] = field(default_factory=list)  # monotonic time of each answer
 
 
 @dataclass
@@ -110,6 +111,7 @@ async def load(client: httpx.AsyncClient, rng: random.Random, deadline: float, t
         except httpx.HTTPError as exc:
             tally.errors.append(f"{request_id}: {type(exc).__name__}: {exc}")
         tally.slowest_s = max(tally.slowest_s, time.monotonic() - started)
+        tally.finished_at.append(time.monotonic())
 
 
 def class_of(response: httpx.Response) -> str:
@@ -203,6 +205,7 @@ async def soak(workdir: Path, seconds: float, concurrency: int = 8, seed: int = 
                 stop = asyncio.Event()
                 sampler = asyncio.create_task(sample_rss(pid, samples, stop))
                 restart = asyncio.create_task(restart_redis_at(redis, seconds / 2, gw.url))
+                main_started = time.monotonic()
                 await run_load(gw.url, seconds, concurrency, rng, tally)
                 at_restart = await restart
                 stop.set()
@@ -217,6 +220,7 @@ async def soak(workdir: Path, seconds: float, concurrency: int = 8, seed: int = 
         remove_workdir(redis)
     result = figures(tally, access_lines(log), upstream_ids, samples, before, after, seconds + WARM_UP_S, concurrency)
     result["ratelimit_decisions"] = {"until_redis_was_back": at_restart, "at_end": at_end}
+    result["requests_per_s_by_quarter"] = rates_by_quarter(tally.finished_at, main_started, seconds)
     return result
 
 
@@ -251,6 +255,13 @@ def figures(tally: Tally, lines: list[dict[str, Any]], upstream_ids: Counter[str
         },
         "descriptors": {"before": before, "after": after},
     }
+
+
+def rates_by_quarter(finished_at: list[float], started: float, seconds: float) -> list[float]:
+    """Answers per second in each quarter of the main phase (the Redis restart is at the half)."""
+    quarter = seconds / 4
+    counts = Counter(min(3, int((t - started) // quarter)) for t in finished_at if t >= started)
+    return [round(counts[q] / quarter, 1) for q in range(4)]
 
 
 def verdicts(f: dict[str, Any]) -> list[str]:
