@@ -362,7 +362,7 @@ def test_property_header_names_and_values_never_confuse_what_the_upstream_gets(s
 # JSON error bodies from the upstream: any shape, with the fields the LivePerson pack reads.
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=2**63, max_value=2**70), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30))
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
-LP_CODES = st.sampled_from(["com.liveperson.faas.handler.custom-failure", "com.liveperson.faas.es.unavailable", "com.liveperson.faas.es.general", "com.liveperson.faas.es.badinput", "com.customer.faas.function.threw-error", "com.liveperson.faas.function.not-found"])
+LP_CODES = st.sampled_from(["com.liveperson.faas.handler.custom-failure", "com.liveperson.faas.handler.executiontime-exceeded", "com.liveperson.faas.es.unavailable", "com.liveperson.faas.es.general", "com.liveperson.faas.es.badinput", "com.customer.faas.function.threw-error", "com.liveperson.faas.function.not-found"])
 LP_FIELDS = st.fixed_dictionaries({}, optional={"errorCode": LP_CODES | JSON_VALUES, "errorMsg": JSON_VALUES, "code": LP_CODES | JSON_VALUES, "message": JSON_VALUES, "problem": JSON_VALUES})
 ERROR_BODIES = st.one_of(LP_FIELDS, st.tuples(LP_FIELDS, st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=3)).map(lambda t: {**t[1], **t[0]}), JSON_VALUES)
 ERROR_STATUSES = st.sampled_from([400, 401, 403, 404, 405, 408, 409, 413, 429, 500, 501, 502, 503, 504, 599, 901])
