@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -226,7 +226,7 @@ ACTS: dict[str, Act] = {
 
 
 @contextlib.asynccontextmanager
-async def faulty_upstream(default: Behaviour = ANSWER):
+async def faulty_upstream(default: Behaviour = ANSWER) -> AsyncIterator[FaultyUpstream]:
     upstream = await FaultyUpstream(default=default).start()
     try:
         yield upstream

@@ -1,8 +1,9 @@
 """Hostile input: the gateway never answers 500 for its own sake, never crashes, never forwards
 anywhere but the configured upstream, and always answers with the envelope or the upstream's reply.
 
-Property-based cases (hypothesis) over paths, query strings, header values and bodies, and
-specific attacks over raw sockets: traversal and encoded slashes, absolute-form targets, Host
+Property-based cases (hypothesis) over paths, query strings, header names and values, bodies,
+JSON error bodies from the upstream and account ids aimed at Redis keys, and specific attacks
+over raw sockets: traversal and encoded slashes, absolute-form targets, Host
 tricks, CRLF in header values, conflicting Content-Length / Transfer-Encoding, oversized
 headers and bodies, gigantic or deeply nested JSON error bodies from the upstream.
 """
@@ -11,18 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import json
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import jsonschema
 import orjson
 import pytest
+import redis as redis_client
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gateway.simulators import Reply, SimulatedUpstream
+from tests.faulty_upstream import ANSWER, Exchanged, FaultyUpstream, RawResponse, exchange_blocking, final_responses, request_bytes
 from tests.harness import RunningGateway, running_gateway, simulated, upstream_config, write_config
+from tests.redis_servers import RedisProcess, remove_workdir, start_redis
 
 SCHEMA = orjson.loads((Path(__file__).resolve().parent.parent / "gateway" / "schemas" / "problem.schema.json").read_bytes())
 
@@ -218,19 +226,6 @@ async def _one_fuzzed_request(tmp_path: Path, path: str, query: str, header_valu
 # event loop; each hypothesis example is a blocking raw-socket request against it, so hundreds
 # of examples take seconds. Breakers never open (fail_max is huge) and nothing is retried, so
 # an example never changes what the next one sees except through the state it checks.
-
-import json  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
-import queue  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from urllib.parse import quote  # noqa: E402
-
-import redis as redis_client  # noqa: E402
-
-from tests.faulty_upstream import ANSWER, Exchanged, FaultyUpstream, RawResponse, exchange_blocking, final_responses, request_bytes  # noqa: E402
-from tests.redis_servers import RedisProcess, remove_workdir, start_redis  # noqa: E402
 
 RAW_ROUTE = "/raw/account/{account}/lambdas/{function}/invoke"
 BOUND_S = 5.0
