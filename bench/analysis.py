@@ -24,7 +24,17 @@ def medians(runs: Iterable[Mapping[str, Any]]) -> dict[Cell, dict[str, float]]:
     grouped: dict[Cell, list[Mapping[str, Any]]] = defaultdict(list)
     for run in runs:
         grouped[(run["target"], run["upstream"], run["connections"])].append(run)
-    return {cell: {**{m: statistics.median(float(r[m]) for r in rs) for m in METRICS}, "repeats": len(rs)} for cell, rs in grouped.items()}
+    return {
+        cell: {
+            **{m: statistics.median(float(r[m]) for r in rs) for m in METRICS},
+            "repeats": len(rs),
+            "cpu_min": min(float(r["cpu_us_per_request"]) for r in rs),
+            "cpu_max": max(float(r["cpu_us_per_request"]) for r in rs),
+            "rps_min": min(float(r["rps"]) for r in rs),
+            "rps_max": max(float(r["rps"]) for r in rs),
+        }
+        for cell, rs in grouped.items()
+    }
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -40,6 +40,23 @@ def core_busy_s() -> dict[int, float]:
     return busy
 
 
+def wait_idle(pids: list[int], *, quiet_s: float = 0.2, busy_share: float = 0.05, limit_s: float = 5.0) -> float:
+    """Wait until none of `pids` used more than `busy_share` of a core over `quiet_s`; the seconds waited.
+
+    Back-to-back wrk runs otherwise overlap: the previous run's connections are still being torn
+    down (and their last requests finished) when the next run connects, and on a saturated
+    single-threaded server some new connections then wait ~1 s before their first request is
+    read (seen with uvicorn alone, no gateway involved). Waiting for quiet costs little for fast proxies.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        before = {pid: process_cpu_s(pid) for pid in pids}
+        time.sleep(quiet_s)
+        if all(process_cpu_s(pid) - used <= busy_share * quiet_s for pid, used in before.items()):
+            break
+    return time.monotonic() - started
+
+
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -87,6 +104,7 @@ def measure(
 ) -> RunResult:  # fmt: skip
     """Run wrk once; CPU of the proxy from /proc, the rest of the machine's load from /proc/stat."""
     known = [proxy_pid, *(p for p in helper_pids if p != proxy_pid)]
+    wait_idle(known)
     cpu_before = {pid: process_cpu_s(pid) for pid in known}
     busy_before, wrk_before, wall_before = core_busy_s(), children_cpu_s(), time.monotonic()
     report = run_wrk(url, connections, duration_s, core, body_file)

@@ -49,8 +49,8 @@ def headline(table: Mapping[Cell, Mapping[str, float]]) -> list[str]:
 
 def cell_rows(table: Mapping[Cell, Mapping[str, float]]) -> list[str]:
     rows = [
-        "| upstream | conns | target | req/s | × direct | × nginx | p50 ms | p99 ms | p99.9 ms | CPU µs/req | errors | other load (cores) |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| upstream | conns | target | req/s | × direct | × nginx | p50 ms | p99 ms | p99.9 ms | CPU µs/req | CPU range over repeats | errors | other load (cores) |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     cells = sorted({(u, c) for _, u, c in table}, key=lambda uc: (uc[0], uc[1]))
     for upstream, conns in cells:
@@ -62,9 +62,15 @@ def cell_rows(table: Mapping[Cell, Mapping[str, float]]) -> list[str]:
             rows.append(
                 f"| {upstream} | {conns} | {target} | {fmt(rps)} | {fmt(ratio(rps, value(table, 'direct', (upstream, conns), 'rps')))} "
                 f"| {fmt(ratio(rps, value(table, 'nginx', (upstream, conns), 'rps')))} | {fmt(row['p50_ms'], 3)} | {fmt(row['p99_ms'], 3)} "
-                f"| {fmt(row['p999_ms'], 3)} | {fmt(row['cpu_us_per_request'], 1)} | {row['errors']:.0f} | {fmt(row['foreign_cpu_cores'])} |"
+                f"| {fmt(row['p999_ms'], 3)} | {fmt(row['cpu_us_per_request'], 1)} | {spread(row)} | {row['errors']:.0f} | {fmt(row['foreign_cpu_cores'])} |"
             )
     return rows
+
+
+def spread(row: Mapping[str, float]) -> str:
+    if row.get("repeats", 1) < 2 or "cpu_min" not in row:
+        return ""
+    return f"{row['cpu_min']:.0f}–{row['cpu_max']:.0f}"
 
 
 def target_rows(results: Mapping[str, Any]) -> list[str]:
