@@ -54,7 +54,7 @@ class Plan:
 def plan_from(args: argparse.Namespace) -> Plan:
     quick = args.quick
     slow = SLOW_CONNECTIONS_QUICK if quick else SLOW_CONNECTIONS_FULL
-    memory_s = 300.0 if args.soak else (10.0 if quick else 30.0)
+    memory_s = args.memory_seconds or (300.0 if args.soak else (10.0 if quick else 30.0))
     chosen = tuple(t for t in TARGETS if not args.targets or t in args.targets.split(",") or t == "direct")
     return Plan(
         mode="quick" if quick else ("soak" if args.soak else "full"),
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy each gateway under load; writes profile-*.md")
     parser.add_argument("--update-doc", action="store_true", help="copy the summary and chart into docs/performance.md")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory check")
+    parser.add_argument("--memory-seconds", type=int, help="seconds under load per gateway for the memory check")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--duration", type=int, help="whole seconds per measured run")
     parser.add_argument("--warmup", type=int, help="whole seconds of warm-up before each measured run (0: none)")
