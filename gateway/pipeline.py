@@ -40,7 +40,7 @@ from gateway.config import RetryPolicyConfig, UpstreamConfig
 from gateway.envelope import ProblemContext, Rendered, render_gateway_error, render_upstream_error, retry_after_header
 from gateway.observability import AccessLog, AccessRecord, Metrics
 from gateway.outcomes import ErrorClass, Outcome, traits_of
-from gateway.ratelimit import BucketPolicy, Decision, bucket_key, rate_limit_headers, validate_account_id
+from gateway.ratelimit import BucketPolicy, Decision, bucket_key, limit_header, policy_header, quote_sf_string, validate_account_id
 from gateway.retry import RetryBudget, decide_retry
 from gateway.routing import RefusedCapture, RouteMatch, capture_problem
 from gateway.upstream import HOP_BY_HOP, AttemptFailure, UpstreamBodyError, UpstreamClient, UpstreamReply, UpstreamRequest
@@ -143,6 +143,7 @@ class Pipeline:
 
     def __init__(self, runtime: "RuntimeView") -> None:
         self.rt = runtime
+        self._policy_headers: dict[BucketPolicy, tuple[bytes, str]] = {}  # per policy: RateLimit-Policy, quoted name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send, request_id_of(scope), self.rt.clock())
@@ -220,12 +221,19 @@ class Pipeline:
             outcome = Outcome(ErrorClass.GATEWAY_ERROR, 503, "gateway.ratelimit_unavailable", "rate-limit state is unreachable", made_by_gateway=True)
             await self._respond_gateway(exchange, plan.dialect, outcome)
             return False
-        exchange.extra_headers.extend((k.lower().encode(), v.encode()) for k, v in rate_limit_headers(decision) if k.lower() != "retry-after")
+        exchange.extra_headers.extend(self._rate_limit_headers(decision))
         if decision.allowed:
             return True
         outcome = Outcome(ErrorClass.RATE_LIMITED, 429, "gateway.rate_limited", f"account over its limit of {policy.rate:g} per {policy.per_s:g} s", decision.retry_after_s, made_by_gateway=True)
         await self._respond_gateway(exchange, plan.dialect, outcome)
         return False
+
+    def _rate_limit_headers(self, decision: Decision) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+        """RateLimit-Policy and RateLimit (what `rate_limit_headers` says), the policy's part made once."""
+        fixed = self._policy_headers.get(decision.policy)
+        if fixed is None:
+            fixed = self._policy_headers[decision.policy] = (policy_header(decision.policy).encode(), quote_sf_string(decision.policy.name))
+        return (b"ratelimit-policy", fixed[0]), (b"ratelimit", limit_header(decision, fixed[1]).encode())
 
     # --- stage 5: body ----------------------------------------------------------------------
 

@@ -188,17 +188,23 @@ def decision_from_step(step: BucketStep, policy: BucketPolicy, source: str) -> D
 
 def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     """RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers-10), Retry-After."""
-    policy = decision.policy
-    name = quote_sf_string(policy.name)
-    quota, window = quota_and_window(policy)
-    wait_s = decision.reset_s if decision.allowed else decision.retry_after_s
-    headers = [
-        ("RateLimit-Policy", f"{name};q={quota};w={window}"),
-        ("RateLimit", f"{name};r={max(0, decision.remaining)};t={whole_seconds(wait_s)}"),
-    ]
+    name = quote_sf_string(decision.policy.name)
+    headers = [("RateLimit-Policy", policy_header(decision.policy)), ("RateLimit", limit_header(decision, name))]
     if not decision.allowed:
         headers.append(("Retry-After", str(max(1, whole_seconds(decision.retry_after_s)))))
     return headers
+
+
+def policy_header(policy: BucketPolicy) -> str:
+    """RateLimit-Policy's value; it depends on the policy alone, so callers may keep it."""
+    quota, window = quota_and_window(policy)
+    return f"{quote_sf_string(policy.name)};q={quota};w={window}"
+
+
+def limit_header(decision: Decision, quoted_name: str) -> str:
+    """RateLimit's value; `quoted_name` is `quote_sf_string(decision.policy.name)`."""
+    wait_s = decision.reset_s if decision.allowed else decision.retry_after_s
+    return f"{quoted_name};r={max(0, decision.remaining)};t={whole_seconds(wait_s)}"
 
 
 def quota_and_window(policy: BucketPolicy) -> tuple[int, int]:
