@@ -246,32 +246,30 @@ class Pipeline:
         signed = plan is not None and plan.config.auth == "aws_sigv4"  # SigV4 signs the body's hash: it must be whole
         buffer_max = self.rt.max_body_bytes if signed else self.rt.replay_max_bytes
         while more:
-            message = await exchange.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected()
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
+            chunk, more = await self._receive_chunk(exchange, size)
             size += len(chunk)
-            if size > self.rt.max_body_bytes:
-                raise BodyTooLarge()
             chunks.append(chunk)
             if size > buffer_max:  # even when it all came at once: over the limit is never replayed
                 return RequestBody(None, self._rest_of_body(exchange, chunks, size, more))
         return RequestBody(b"".join(chunks))
+
+    async def _receive_chunk(self, exchange: Exchange, size_so_far: int) -> tuple[bytes, bool]:
+        """The next piece of the request body and whether more follows; enforces max_body_bytes."""
+        message = await exchange.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        if size_so_far + len(chunk) > self.rt.max_body_bytes:
+            raise BodyTooLarge()
+        return chunk, message.get("more_body", False)
 
     async def _rest_of_body(self, exchange: Exchange, head: list[bytes], size: int, more: bool) -> AsyncIterator[bytes]:
         for chunk in head:
             yield chunk
         try:
             while more:
-                message = await exchange.receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientDisconnected()
-                chunk = message.get("body", b"")
-                more = message.get("more_body", False)
+                chunk, more = await self._receive_chunk(exchange, size)
                 size += len(chunk)
-                if size > self.rt.max_body_bytes:
-                    raise BodyTooLarge()
                 yield chunk
         except (BodyTooLarge, ClientDisconnected) as exc:
             exchange.body_failure = exc
