@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
-import jsonschema
 import orjson
 import pytest
 import redis as redis_client
@@ -30,13 +29,9 @@ from hypothesis import strategies as st
 from gateway.simulators import Reply, SimulatedUpstream
 from tests.faulty_upstream import ANSWER, Exchanged, FaultyUpstream, RawResponse, exchange_blocking, final_responses, request_bytes
 from tests.harness import RunningGateway, running_gateway, simulated, upstream_config, write_config
+from tests.problem_schema import assert_problem
 from tests.redis_servers import RedisProcess, remove_workdir, start_redis
 
-SCHEMA = orjson.loads((Path(__file__).resolve().parent.parent / "gateway" / "schemas" / "problem.schema.json").read_bytes())
-
-
-def assert_valid_problem(problem: object) -> None:
-    jsonschema.validate(problem, SCHEMA)
 
 LP_ROUTES = ["/api/account/{account}/lambdas/{function}/invoke", "/api/account/{account}/lambdas/"]
 
@@ -93,7 +88,7 @@ def assert_gateway_answer(response: httpx.Response) -> None:
     if response.status_code >= 400:
         data = response.json()
         problem = data.get("problem", data)
-        assert_valid_problem(problem)
+        assert_problem(problem)
         assert problem["code"] != "gateway.internal"
     assert response.headers.get("x-request-id")
 
@@ -117,7 +112,7 @@ async def test_traversal_and_encoded_separators_never_reach_the_upstream(tmp_pat
         for path in TRAVERSALS:
             response = await raw_exchange(gateway.url, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}".encode())
             assert status_of(response) in (400, 404), (path, response[:200])
-            assert_valid_problem(orjson.loads(body_of(response)).get("problem") or orjson.loads(body_of(response)))
+            assert_problem(orjson.loads(body_of(response)).get("problem") or orjson.loads(body_of(response)))
         assert upstream.calls == []
 
 
@@ -150,7 +145,7 @@ async def test_request_smuggling_shapes_are_refused_or_framed_once(tmp_path: Pat
     async with gateway_with(tmp_path) as (gateway, upstream):
         response = await raw_exchange(gateway.url, request_bytes, read_timeout_s=2.0)
         assert status_of(response) == 400, response[:300]
-        assert_valid_problem(orjson.loads(body_of(response)))
+        assert_problem(orjson.loads(body_of(response)))
         assert upstream.calls == []
 
 
@@ -215,7 +210,7 @@ async def _one_fuzzed_request(tmp_path: Path, path: str, query: str, header_valu
         assert status in (200, 400, 404, 413, 431), response[:300]
         if status >= 400:
             data = orjson.loads(body_of(response))
-            assert_valid_problem(data.get("problem", data))
+            assert_problem(data.get("problem", data))
         for call in upstream.calls:
             assert call.body == body
 
@@ -304,7 +299,7 @@ def final_answer(exchanged: Exchanged) -> RawResponse:
 def assert_envelope(response: RawResponse) -> dict:
     data = orjson.loads(response.body)
     problem = data.get("problem", data)
-    assert_valid_problem(problem)
+    assert_problem(problem)
     assert problem["code"] != "gateway.internal" and problem["status"] == response.status
     return problem
 
