@@ -114,7 +114,8 @@ def summary_markdown(results: Mapping[str, Any], chart: str = "latency.png") -> 
     machine, run = results["machine"], results["run"]
     noise = results["noise"]
     lines = [
-        f"Run: `{run['command']}` ({run['mode']} mode) at {run['started']}, commit `{machine['commit']}`; "
+        f"Run: `{run['command']}` ({run['mode']} mode) at {run['started']}, commit `{machine['commit']}`"
+        f"{' with uncommitted changes in gateway/' if machine.get('dirty') else ''}; "
         f"{run['repeats']} repeat(s) of {run['duration_s']:g} s per cell after a {run['warmup_s']:g} s warm-up, "
         "interleaved (repeat → scenario → target), median of each metric over the repeats.",
         "",
