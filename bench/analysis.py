@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-METRICS = ("rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "cpu_us_per_request", "errors", "foreign_cpu_cores")
+METRICS = ("rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "cpu_us_per_request", "errors", "foreign_cpu_cores", "fallback_share")
 Cell = tuple[str, str, int]  # target, upstream, connections
 
 # The reference point for "CPU per request": saturating load on the fast upstream.
@@ -26,7 +26,7 @@ def medians(runs: Iterable[Mapping[str, Any]]) -> dict[Cell, dict[str, float]]:
         grouped[(run["target"], run["upstream"], run["connections"])].append(run)
     return {
         cell: {
-            **{m: statistics.median(float(r[m]) for r in rs) for m in METRICS},
+            **{m: statistics.median(float(r.get(m, 0.0)) for r in rs) for m in METRICS},
             "repeats": len(rs),
             "cpu_min": min(float(r["cpu_us_per_request"]) for r in rs),
             "cpu_max": max(float(r["cpu_us_per_request"]) for r in rs),

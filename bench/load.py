@@ -81,6 +81,7 @@ class RunResult:
     proxy_cpu_s: float
     cpu_us_per_request: float
     foreign_cpu_cores: float
+    fallback_share: float = 0.0  # rate-limit decisions taken without Redis (gateway-redis only)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

@@ -13,6 +13,7 @@ bench/results/latest points at the newest. See docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -124,12 +125,16 @@ def run_matrix(stack: Stack, plan: Plan, body_file: Path, log: Any) -> list[RunR
                               helper_pids=stack.helper_pids(), core=stack.pinning.load_core, body_file=body_file)  # fmt: skip
                 if plan.warmup_s > 0:
                     measure(repeat=-1, duration_s=plan.warmup_s, **common)
+                decided = ratelimit_counts(stack, target) if target == "gateway-redis" else None
                 result = measure(repeat=repeat, duration_s=plan.duration_s, **common)
+                if decided is not None:
+                    result = dataclasses.replace(result, fallback_share=fallback_share(decided, ratelimit_counts(stack, target)))
                 runs.append(result)
                 log(
                     f"[{len(runs)}/{total}] r{repeat} {upstream:4} c={conns:<3} {target:13} {result.rps:9,.0f} req/s  p50 {result.p50_ms:7.3f}  "
                     f"p99 {result.p99_ms:7.3f}  p99.9 {result.p999_ms:7.3f} ms  cpu {result.cpu_us_per_request:6.1f} µs/req  "
                     f"err {result.errors}  other {result.foreign_cpu_cores:.2f} cores"
+                    + (f"  rate limit without Redis {result.fallback_share:.0%}" if decided is not None else "")
                 )
     return runs
 
@@ -176,19 +181,28 @@ def run_profiles(stack: Stack, plan: Plan, body_file: Path, out: Path, log: Any)
     return written
 
 
+def ratelimit_counts(stack: Stack, name: str) -> dict[str, float]:
+    """`decision/source` -> count, from the gateway's /metrics."""
+    text = http_get(f"http://127.0.0.1:{stack.ports[name]}/metrics").decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_ratelimit_decisions_total{"):
+            labels, number = line.rsplit(" ", 1)
+            decision = labels.split('decision="', 1)[1].split('"', 1)[0]
+            source = labels.split('source="', 1)[1].split('"', 1)[0]
+            counts[f"{decision}/{source}"] = counts.get(f"{decision}/{source}", 0) + float(number)
+    return counts
+
+
+def fallback_share(before: dict[str, float], after: dict[str, float]) -> float:
+    """Share of the decisions between two scrapes that were not taken in Redis."""
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    total = sum(delta.values())
+    return sum(v for key, v in delta.items() if not key.endswith("/redis")) / total if total else 0.0
+
+
 def ratelimit_decisions(stack: Stack, plan: Plan) -> dict[str, dict[str, float]]:
-    found: dict[str, dict[str, float]] = {}
-    for name in (t for t in plan.targets if t in GATEWAYS):
-        text = http_get(f"http://127.0.0.1:{stack.ports[name]}/metrics").decode()
-        counts: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("gateway_ratelimit_decisions_total{"):
-                labels, number = line.rsplit(" ", 1)
-                decision = labels.split('decision="', 1)[1].split('"', 1)[0]
-                source = labels.split('source="', 1)[1].split('"', 1)[0]
-                counts[f"{decision}/{source}"] = counts.get(f"{decision}/{source}", 0) + float(number)
-        found[name] = counts
-    return found
+    return {name: ratelimit_counts(stack, name) for name in plan.targets if name in GATEWAYS}
 
 
 def noise_of(runs: list[RunResult], before: str, after: str) -> dict[str, Any]:
