@@ -25,7 +25,9 @@ def short_frame(frame: str) -> str:
         return frame.strip()
     path = found["file"]
     parts = path.split("/")
-    if "site-packages" in parts:
+    if not path.startswith("/"):
+        pass  # py-spy already made it relative to sys.path: uvicorn/protocols/http/...
+    elif "site-packages" in parts:
         parts = parts[parts.index("site-packages") + 1 :]
     elif "gateway" in parts:
         parts = parts[parts.index("gateway") :]
