@@ -26,20 +26,10 @@ from gateway.breakers import (
 )
 from gateway.store import RedisStore
 from tests.redis_servers import RedisProcess, redis_server, send_command  # noqa: F401 (fixture)
+from tests.clocks import ManualClock
 
 START = 1_700_000_000.0
 POLICY = BreakerPolicy(fail_max=3, reset_timeout_s=10.0)
-
-
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class TransitionLog:
@@ -51,8 +41,8 @@ class TransitionLog:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(START)
 
 
 @pytest.fixture
@@ -61,7 +51,7 @@ def log() -> TransitionLog:
 
 
 @pytest.fixture
-def registry(clock: FakeClock, log: TransitionLog) -> BreakerRegistry:
+def registry(clock: ManualClock, log: TransitionLog) -> BreakerRegistry:
     return BreakerRegistry(clock, log)
 
 
@@ -94,7 +84,7 @@ def state_of(registry: BreakerRegistry, function: str = "f") -> dict:
 
 
 def test_opens_after_fail_max_consecutive_failures(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     fail_times(registry, POLICY.fail_max - 1)
     assert state_of(registry)["state"] == "closed"
@@ -108,7 +98,7 @@ def test_opens_after_fail_max_consecutive_failures(
 
 
 def test_half_open_admits_exactly_one_probe_and_its_success_closes(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s)
@@ -124,7 +114,7 @@ def test_half_open_admits_exactly_one_probe_and_its_success_closes(
 
 
 def test_probe_failure_reopens_for_another_full_reset_timeout(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s + 3.0)
@@ -140,7 +130,7 @@ def test_probe_failure_reopens_for_another_full_reset_timeout(
 
 
 def test_released_probe_lets_the_next_request_probe(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s)
@@ -205,7 +195,7 @@ async def test_cancelled_request_counts_as_neither(registry: BreakerRegistry) ->
 
 
 async def test_cancelled_probe_frees_the_probe_slot(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s)
@@ -231,7 +221,7 @@ async def test_cancelled_probe_frees_the_probe_slot(
 
 
 def test_results_of_calls_admitted_before_a_transition_are_ignored(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     in_flight = [admitted(registry) for _ in range(4)]
     fail_times(registry, POLICY.fail_max)
@@ -264,7 +254,7 @@ def test_scope_upstream_shares_one_breaker(registry: BreakerRegistry) -> None:
 
 
 def test_on_transition_sees_every_change(
-    registry: BreakerRegistry, clock: FakeClock, log: TransitionLog
+    registry: BreakerRegistry, clock: ManualClock, log: TransitionLog
 ) -> None:
     key = BreakerKey("lp", "f")
     fail_times(registry, POLICY.fail_max)
@@ -281,7 +271,7 @@ def test_on_transition_sees_every_change(
     ]
 
 
-def test_a_failing_transition_hook_does_not_break_the_breaker(clock: FakeClock) -> None:
+def test_a_failing_transition_hook_does_not_break_the_breaker(clock: ManualClock) -> None:
     def broken_hook(key: BreakerKey, old: str, new: str) -> None:
         raise RuntimeError("metrics are down")
 
@@ -293,7 +283,7 @@ def test_a_failing_transition_hook_does_not_break_the_breaker(clock: FakeClock) 
     assert state_of(registry)["state"] == "closed"
 
 
-def test_snapshot_lists_every_breaker(registry: BreakerRegistry, clock: FakeClock) -> None:
+def test_snapshot_lists_every_breaker(registry: BreakerRegistry, clock: ManualClock) -> None:
     fail_times(registry, POLICY.fail_max, function="a")
     fail_times(registry, 1, function="b")
     clock.advance(2.5)
@@ -342,7 +332,7 @@ def test_reset_of_a_function_reaches_its_upstream_wide_breaker(registry: Breaker
 
 
 def test_policy_change_keeps_state_and_applies_new_thresholds(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     fail_times(registry, 2)
     stricter = BreakerPolicy(fail_max=3, reset_timeout_s=20.0)
@@ -355,7 +345,7 @@ def test_policy_change_keeps_state_and_applies_new_thresholds(
     assert state_of(registry)["fail_max"] == 10
 
 
-def test_breakers_are_bounded_and_idle_ones_evicted_first(clock: FakeClock) -> None:
+def test_breakers_are_bounded_and_idle_ones_evicted_first(clock: ManualClock) -> None:
     registry = BreakerRegistry(clock, max_breakers=3)
     fail_times(registry, POLICY.fail_max, function="open")
     for name in ("idle-1", "idle-2", "idle-3", "idle-4"):
@@ -367,7 +357,7 @@ def test_breakers_are_bounded_and_idle_ones_evicted_first(clock: FakeClock) -> N
 
 
 def test_force_open_applies_a_remote_open(
-    registry: BreakerRegistry, clock: FakeClock, log: TransitionLog
+    registry: BreakerRegistry, clock: ManualClock, log: TransitionLog
 ) -> None:
     key = BreakerKey("lp", "f")
     admitted(registry)
@@ -381,7 +371,7 @@ def test_force_open_applies_a_remote_open(
 
 
 def test_force_open_creates_unknown_breakers_and_ignores_stale_or_future_times(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     registry.force_open(BreakerKey("lp", "old"), clock.now - 11.0, 10.0)
     assert registry.snapshot() == []
@@ -390,7 +380,7 @@ def test_force_open_creates_unknown_breakers_and_ignores_stale_or_future_times(
 
 
 def test_force_open_during_a_probe_makes_the_probe_stale(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(POLICY.reset_timeout_s)
@@ -444,7 +434,7 @@ def test_open_messages_round_trip() -> None:
 
 
 def test_a_wall_clock_step_back_does_not_lengthen_an_open_period(
-    registry: BreakerRegistry, clock: FakeClock
+    registry: BreakerRegistry, clock: ManualClock
 ) -> None:
     fail_times(registry, POLICY.fail_max)
     clock.advance(4.0)

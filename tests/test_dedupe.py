@@ -38,6 +38,7 @@ from gateway.outcomes import ErrorClass
 from gateway.pipeline import Exchange
 from gateway.store import RedisStore
 from tests.redis_servers import RedisProcess, free_port
+from tests.clocks import ManualClock
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -168,16 +169,8 @@ def test_codec_rejects_what_it_did_not_write(raw: bytes) -> None:
 # --- the memory cache -------------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_cache_entries_expire_after_their_ttl() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     cache = ResponseCache(10, 1 << 20, clock)
     cache.put("k", stored(), 5)
     clock.now += 4.9
@@ -188,7 +181,7 @@ def test_cache_entries_expire_after_their_ttl() -> None:
 
 
 def test_cache_evicts_least_recently_used_beyond_max_entries() -> None:
-    cache = ResponseCache(2, 1 << 20, FakeClock())
+    cache = ResponseCache(2, 1 << 20, ManualClock())
     cache.put("a", stored(b"a"), 30)
     cache.put("b", stored(b"b"), 30)
     cache.get("a")
@@ -198,7 +191,7 @@ def test_cache_evicts_least_recently_used_beyond_max_entries() -> None:
 
 def test_cache_stays_within_its_byte_bound() -> None:
     entry = stored(b"x" * 1000)
-    cache = ResponseCache(100, entry.size * 3, FakeClock())
+    cache = ResponseCache(100, entry.size * 3, ManualClock())
     for name in "abcde":
         cache.put(name, stored(b"x" * 1000), 30)
     assert (len(cache), cache.bytes) == (3, entry.size * 3)
@@ -208,7 +201,7 @@ def test_cache_stays_within_its_byte_bound() -> None:
 
 
 def test_cache_ignores_zero_ttl_and_replaces_in_place() -> None:
-    cache = ResponseCache(10, 1 << 20, FakeClock())
+    cache = ResponseCache(10, 1 << 20, ManualClock())
     cache.put("k", stored(), 0)
     assert cache.get("k") is None
     cache.put("k", stored(b"1"), 30)
@@ -217,7 +210,7 @@ def test_cache_ignores_zero_ttl_and_replaces_in_place() -> None:
 
 
 async def test_memory_backend_claims_then_replays_what_was_stored() -> None:
-    backend = MemoryBackend(ResponseCache(10, 1 << 20, FakeClock()))
+    backend = MemoryBackend(ResponseCache(10, 1 << 20, ManualClock()))
     assert await backend.claim("k", 3) is Claim.OWNED
     await backend.finish("k", None, 30)
     assert await backend.claim("k", 3) is Claim.OWNED
@@ -378,7 +371,7 @@ class ScriptedBackend:
         return self.claims.pop(0)
 
 
-def deduper(backend: Any, clock: FakeClock, slept: list[float]) -> Deduper:
+def deduper(backend: Any, clock: ManualClock, slept: list[float]) -> Deduper:
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
         clock.now += seconds
@@ -388,20 +381,20 @@ def deduper(backend: Any, clock: FakeClock, slept: list[float]) -> Deduper:
 
 
 async def test_waiting_for_another_replica_polls_with_growing_delays_until_the_response_appears() -> None:
-    clock, slept = FakeClock(), []
+    clock, slept = ManualClock(), []
     backend = ScriptedBackend(Claim.ELSEWHERE, Claim.ELSEWHERE, Claim.ELSEWHERE, stored())
     assert await deduper(backend, clock, slept)._settle("k", clock.now + 10, asyncio.Event()) == (stored(), "coalesced")
     assert slept == [POLL_FIRST_S, POLL_FIRST_S * 2, POLL_FIRST_S * 4]
 
 
 async def test_a_stored_response_found_at_once_is_a_replay_and_a_lapsed_mark_is_claimed() -> None:
-    clock, slept = FakeClock(), []
+    clock, slept = ManualClock(), []
     assert await deduper(ScriptedBackend(stored()), clock, slept)._settle("k", clock.now + 10, asyncio.Event()) == (stored(), "replayed")
     assert await deduper(ScriptedBackend(Claim.ELSEWHERE, Claim.OWNED), clock, slept)._settle("k", clock.now + 10, asyncio.Event()) == (Claim.OWNED, "coalesced")
 
 
 async def test_waiting_for_another_replica_ends_at_the_deadline() -> None:
-    clock, slept = FakeClock(), []
+    clock, slept = ManualClock(), []
     backend = ScriptedBackend(*[Claim.ELSEWHERE] * 100)
     claim, _ = await deduper(backend, clock, slept)._settle("k", clock.now + 1.0, asyncio.Event())
     assert claim is Claim.ELSEWHERE
@@ -409,7 +402,7 @@ async def test_waiting_for_another_replica_ends_at_the_deadline() -> None:
 
 
 async def test_waiting_for_another_replica_ends_when_nobody_waits_any_more() -> None:
-    clock, slept = FakeClock(), []
+    clock, slept = ManualClock(), []
     deserted = asyncio.Event()
     backend = ScriptedBackend(*[Claim.ELSEWHERE] * 100)
     dedupe = deduper(backend, clock, slept)

@@ -21,6 +21,7 @@ from gateway.ratelimit import (
     validate_account_id,
 )
 from gateway.store import RedisStore
+from tests.clocks import ManualClock
 from tests.redis_servers import (  # noqa: F401  (fixtures)
     RedisProcess,
     redis_cluster,
@@ -32,17 +33,6 @@ DEFAULT = BucketPolicy("default", rate=1.0, per_s=2.0, burst=3)
 OVERRIDE = BucketPolicy("le-1234", rate=10.0, per_s=1.0, burst=5)
 SLOW = BucketPolicy("default", rate=1.0, per_s=3600.0, burst=4)
 HOSTILE_IDS = ["a{b}c", "}{", "x\r\nSET y 1", "with space", "a" * 1000, "{evil}", "", "tab\there", "é"]
-
-
-class ManualClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_limiter(

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from gateway.config import RetryPolicyConfig
 from gateway.outcomes import CLASS_TRAITS, RETRIED_CLASSES, ErrorClass, Outcome
 from gateway.retry import BUDGET_WINDOW_S, RetryBudget, backoff_delay, decide_retry
+from tests.clocks import ManualClock
 
 POLICY = RetryPolicyConfig(max_attempts=4, base_delay_s=0.1, max_delay_s=1.0, retry_after_max_s=5.0, budget_ratio=0.2, budget_min_per_s=2)
 TOTAL_S = 30.0
@@ -25,17 +26,6 @@ class FixedRandom:
     def __call__(self) -> float:
         self.calls += 1
         return self.value
-
-
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def outcome(error_class: ErrorClass | None, retry_after_s: float | None = None) -> Outcome:
@@ -206,14 +196,14 @@ def spend_all(budget: RetryBudget, limit: int = 10_000) -> int:
     ],
 )
 def test_budget_allows_floor_plus_ratio_of_first_attempts(ratio: float, min_per_s: float, firsts: int, allowed: int) -> None:
-    budget = RetryBudget(ratio, min_per_s, FakeClock())
+    budget = RetryBudget(ratio, min_per_s, ManualClock(START))
     for _ in range(firsts):
         budget.record_first_attempt()
     assert spend_all(budget) == allowed
 
 
 def test_budget_window_slides_over_ten_seconds() -> None:
-    clock = FakeClock(START + 0.3)
+    clock = ManualClock(START + 0.3)
     budget = RetryBudget(0.2, 2, clock)
     assert spend_all(budget) == 20
     clock.advance(BUDGET_WINDOW_S - 1)
@@ -223,7 +213,7 @@ def test_budget_window_slides_over_ten_seconds() -> None:
 
 
 def test_budget_counts_retries_spread_over_the_window() -> None:
-    clock = FakeClock()
+    clock = ManualClock(START)
     budget = RetryBudget(0.0, 1, clock)
     for _ in range(BUDGET_WINDOW_S):
         assert spend_all(budget, limit=1) == 1
@@ -235,7 +225,7 @@ def test_budget_counts_retries_spread_over_the_window() -> None:
 
 
 def test_first_attempts_leave_the_window_too() -> None:
-    clock = FakeClock()
+    clock = ManualClock(START)
     budget = RetryBudget(0.5, 0, clock)
     for _ in range(10):
         budget.record_first_attempt()
@@ -247,7 +237,7 @@ def test_first_attempts_leave_the_window_too() -> None:
 
 
 def test_refused_retries_are_not_counted() -> None:
-    clock = FakeClock()
+    clock = ManualClock(START)
     budget = RetryBudget(0.0, 0.2, clock)
     assert spend_all(budget) == 2
     for _ in range(50):
@@ -257,7 +247,7 @@ def test_refused_retries_are_not_counted() -> None:
 
 
 def test_reconfigure_retunes_without_forgetting() -> None:
-    clock = FakeClock()
+    clock = ManualClock(START)
     budget = RetryBudget(0.2, 2, clock)
     for _ in range(50):
         budget.record_first_attempt()
@@ -269,7 +259,7 @@ def test_reconfigure_retunes_without_forgetting() -> None:
 
 def test_budget_starting_near_clock_zero() -> None:
     """Slots start out stamped with second 0; a clock that starts there must not break the count."""
-    clock = FakeClock(0.0)
+    clock = ManualClock(0.0)
     budget = RetryBudget(0.0, 1, clock)
     assert spend_all(budget) == 10
     clock.advance(5.0)

@@ -17,6 +17,7 @@ from gateway.store import (
     build_client,
     parse_multi_host_url,
 )
+from tests.clocks import ManualClock
 from tests.redis_servers import (  # noqa: F401  (fixtures)
     RedisProcess,
     redis_cluster,
@@ -28,17 +29,6 @@ from tests.redis_servers import (  # noqa: F401  (fixtures)
 )
 
 BOUND_S = 5.0
-
-
-class ManualClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_store(url: str, clock: ManualClock | None = None, **options: float) -> RedisStore:
