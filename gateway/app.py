@@ -33,7 +33,7 @@ from gateway.settings import Settings, load_settings
 from gateway.sigv4 import RequestSigner, signer_if_needed
 from gateway.store import RedisStore
 from gateway.tracing import Tracing, tracing_from_environment
-from gateway.upstream import UpstreamClient
+from gateway.upstream import UpstreamClient, split_credentials
 from gateway.yamlsource import ConfigError
 
 log = logging.getLogger("gateway.app")
@@ -110,6 +110,7 @@ class Runtime:
 def _plan(name: str, settings: Settings) -> UpstreamPlan:
     upstream = settings.config.upstreams[name]
     breaker = settings.breaker_policies[upstream.breaker]
+    base_url, authorization = split_credentials(upstream.url)
     return UpstreamPlan(
         name=name,
         config=upstream,
@@ -117,6 +118,8 @@ def _plan(name: str, settings: Settings) -> UpstreamPlan:
         retry=settings.retry_policies[upstream.retry],
         breaker=BreakerPolicy(breaker.fail_max, breaker.reset_timeout_s, breaker.scope),
         account_header=upstream.account_header.lower().encode() if upstream.account_header else None,
+        base_url=base_url,
+        authorization=authorization,
     )
 
 

@@ -70,6 +70,8 @@ class UpstreamPlan:
     retry: RetryPolicyConfig
     breaker: BreakerPolicy
     account_header: bytes | None
+    base_url: str  # config.url without credentials
+    authorization: str | None = None  # from credentials in config.url; replaces the caller's
 
     @property
     def dialect(self) -> str:
@@ -351,12 +353,14 @@ class Pipeline:
         scope = exchange.scope
         headers = forwarded_headers(scope, exchange.request_id, exchange.attempts)
         query = scope.get("query_string", b"")
-        url = plan.config.url + _raw_path(scope) + ("?" + query.decode("latin-1") if query else "")
+        url = plan.base_url + _raw_path(scope) + ("?" + query.decode("latin-1") if query else "")
         payload = body.buffered if body.buffered is not None else body.stream
         assert payload is not None
         declared = _declared_length(scope)
         if body.buffered is None and declared is not None:
             headers.append(("Content-Length", str(declared)))  # else a streamed body goes chunked, which some upstreams refuse
+        if plan.authorization is not None:
+            headers = [(k, v) for k, v in headers if k.lower() != "authorization"] + [("Authorization", plan.authorization)]
         if self.rt.signer is not None and plan.config.auth == "aws_sigv4" and body.buffered is not None:
             headers = self.rt.signer.sign(scope["method"], url, headers, body.buffered)
         return UpstreamRequest(scope["method"], url, headers, payload)

@@ -107,13 +107,16 @@ def strip_hop_by_hop(headers: RawHeaders) -> RawHeaders:
     return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
 
 
-def credentials_from_url(url: yarl.URL, headers: list[tuple[str, str]]) -> tuple[yarl.URL, list[tuple[str, str]]]:
-    """Credentials in the upstream's URL become its Authorization, replacing the caller's (as
-    `aws_sigv4` replaces a caller's signature): aiohttp refuses a request carrying both."""
-    if url.user is None:
-        return url, headers
-    kept = [(name, value) for name, value in headers if name.lower() != "authorization"]
-    return url.with_user(None), [*kept, ("Authorization", aiohttp.BasicAuth.from_url(url).encode())]
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """An upstream URL without its user:password, and the Basic Authorization they stand for.
+
+    Resolved once per configuration: the credentials replace a caller's Authorization on every
+    attempt (as `aws_sigv4` replaces a caller's signature); aiohttp refuses a request carrying both.
+    """
+    parsed = yarl.URL(url, encoded=True)
+    if parsed.user is None:
+        return url, None
+    return str(parsed.with_user(None)), aiohttp.BasicAuth.from_url(parsed).encode()
 
 
 class UpstreamClient:
@@ -157,13 +160,12 @@ class UpstreamClient:
         """One attempt; `per_try_s` bounds the time until the response headers arrive."""
         assert self._session is not None, "UpstreamClient.start() was not awaited"
         timeout = self._timeout(connect_s, per_try_s)
-        url, headers = credentials_from_url(yarl.URL(request.url, encoded=True), request.headers)
         try:
             async with asyncio.timeout(per_try_s):
                 response = await self._session.request(
                     request.method,
-                    url,
-                    headers=headers,
+                    yarl.URL(request.url, encoded=True),
+                    headers=request.headers,
                     data=request.body,
                     timeout=timeout,
                     allow_redirects=False,

@@ -30,6 +30,16 @@ from gateway.simulators import SimulatedUpstream
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Every admin endpoint (and an unknown one): each must be closed without the right token.
+ADMIN_ENDPOINTS = [
+    ("GET", "/admin/breakers"),
+    ("POST", "/admin/breakers/lp/down/reset"),
+    ("POST", "/admin/reload"),
+    ("GET", "/admin/config"),
+    ("GET", "/admin/stats"),
+    ("GET", "/admin/anything/else"),
+]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:

@@ -7,20 +7,12 @@ from pathlib import Path
 import pytest
 
 from gateway.admin import SESSION_COOKIE, mask_secrets, mask_url, session_value
-from tests.harness import running_gateway, simulated, upstream_config, write_config
+from tests.harness import ADMIN_ENDPOINTS, running_gateway, simulated, upstream_config, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "admin-token-5d1f"
 ROUTE = "/api/account/{account}/lambdas/{function}/invoke"
-ADMIN_REQUESTS = [
-    ("GET", "/admin/breakers"),
-    ("POST", "/admin/breakers/lp/down/reset"),
-    ("POST", "/admin/reload"),
-    ("GET", "/admin/config"),
-    ("GET", "/admin/stats"),
-    ("GET", "/admin/anything/else"),
-]
 
 
 def gateway_yaml(url: str, extra: str = "") -> str:
@@ -38,7 +30,7 @@ async def test_every_admin_path_is_404_while_the_token_is_unset(tmp_path: Path, 
     monkeypatch.delenv("GATEWAY_ADMIN_TOKEN", raising=False)
     async with simulated("liveperson") as sim:
         async with running_gateway(write_config(tmp_path, gateway_yaml(sim.url))) as gw, gw.client() as client:
-            for method, path in [*ADMIN_REQUESTS, ("GET", "/admin/status"), ("POST", "/admin/login"), ("GET", "/admin/static/status.js")]:
+            for method, path in [*ADMIN_ENDPOINTS, ("GET", "/admin/status"), ("POST", "/admin/login"), ("GET", "/admin/static/status.js")]:
                 response = await client.request(method, path, headers={"authorization": f"Bearer {TOKEN}"})
                 assert response.status_code == 404, (method, path)
             assert (await client.get("/healthz")).status_code == 200
@@ -52,7 +44,7 @@ async def test_missing_or_wrong_token_is_401(tmp_path: Path, token: str, authori
     headers = {} if authorization is None else {"authorization": authorization}
     async with simulated("liveperson") as sim:
         async with running_gateway(write_config(tmp_path, gateway_yaml(sim.url))) as gw, gw.client() as client:
-            for method, path in ADMIN_REQUESTS:
+            for method, path in ADMIN_ENDPOINTS:
                 response = await client.request(method, path, headers=headers)
                 assert response.status_code == 401, (method, path)
                 assert response.headers["www-authenticate"].startswith("Bearer")

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from tests.faulty_upstream import exchange, request_bytes
-from tests.harness import RunningGateway, free_port, gateway_process, running_gateway, simulated, upstream_config, write_config
+from tests.harness import ADMIN_ENDPOINTS, RunningGateway, free_port, gateway_process, running_gateway, simulated, upstream_config, write_config
 from tests.redis_servers import RedisProcess, send_command
 
 pytestmark = pytest.mark.timeout(90)
@@ -142,14 +142,6 @@ async def test_another_callers_id_and_body_never_fetch_their_response(tmp_path: 
 # --- the admin API --------------------------------------------------------------------------
 
 TOKEN = "SECRET-ADMIN-TOKEN-4411"
-ADMIN_CALLS = [
-    ("GET", "/admin/breakers"),
-    ("POST", "/admin/breakers/lp/down/reset"),
-    ("POST", "/admin/reload"),
-    ("GET", "/admin/config"),
-    ("GET", "/admin/stats"),
-    ("GET", "/admin/anything/else"),
-]
 WRONG_CREDENTIALS = {
     "none": {},
     "wrong bearer": {"Authorization": "Bearer SECRET-WRONG-1"},
@@ -165,8 +157,8 @@ WRONG_CREDENTIALS = {
 async def test_admin_api_is_404_everywhere_while_the_token_is_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GATEWAY_ADMIN_TOKEN", raising=False)
     async with lp_gateway(tmp_path) as (gw, sim), gw.client() as client:
-        answers = {(m, p, name): (await client.request(m, p, headers=h)).status_code for m, p in ADMIN_CALLS for name, h in WRONG_CREDENTIALS.items()}
-        answers |= {(m, p, "query"): (await client.request(m, p + f"?token={TOKEN}")).status_code for m, p in ADMIN_CALLS}
+        answers = {(m, p, name): (await client.request(m, p, headers=h)).status_code for m, p in ADMIN_ENDPOINTS for name, h in WRONG_CREDENTIALS.items()}
+        answers |= {(m, p, "query"): (await client.request(m, p + f"?token={TOKEN}")).status_code for m, p in ADMIN_ENDPOINTS}
     assert set(answers.values()) == {404}
     assert sim.calls == []
 
@@ -174,8 +166,8 @@ async def test_admin_api_is_404_everywhere_while_the_token_is_unset(tmp_path: Pa
 async def test_admin_api_is_401_for_anything_but_the_bearer_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
     async with lp_gateway(tmp_path) as (gw, sim), gw.client() as client:
-        refused = {(m, p, name): (await client.request(m, p, headers=h)).status_code for m, p in ADMIN_CALLS for name, h in WRONG_CREDENTIALS.items()}
-        refused |= {(m, p, "query"): (await client.request(m, p + f"?token={TOKEN}&access_token={TOKEN}")).status_code for m, p in ADMIN_CALLS}
+        refused = {(m, p, name): (await client.request(m, p, headers=h)).status_code for m, p in ADMIN_ENDPOINTS for name, h in WRONG_CREDENTIALS.items()}
+        refused |= {(m, p, "query"): (await client.request(m, p + f"?token={TOKEN}&access_token={TOKEN}")).status_code for m, p in ADMIN_ENDPOINTS}
         allowed = (await client.get("/admin/breakers", headers={"Authorization": f"Bearer {TOKEN}"})).status_code
     assert set(refused.values()) == {401}, {k: v for k, v in refused.items() if v != 401}
     assert allowed == 200
