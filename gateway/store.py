@@ -12,12 +12,22 @@ Supported ``state.redis_url`` forms:
   the listed seed nodes (``rediss+cluster://`` for TLS).
 
 Redis is a dependency the gateway must survive losing, so every call is short and
-fails fast: socket and connect timeouts of ``timeout_s`` (tens of milliseconds), an overall
-deadline per operation, no client-side retries, a bounded connection pool, and an outage
-breaker. After a failure the store does not touch Redis for ``cooldown_s`` (calls raise
+fails fast: a connect timeout of ``timeout_s`` (tens of milliseconds), a deadline per
+operation, no client-side retries, a bounded connection pool, and an outage breaker. After a
+failure the store does not touch Redis for ``cooldown_s`` (calls raise
 :class:`StoreUnavailable` at once); then one caller at a time probes, and the first success
 resumes normal use. Every redis-py error and timeout becomes :class:`StoreUnavailable` here,
 so no other module imports ``redis``.
+
+Token takes are batched: the takes asked for during one turn of the event loop go to Redis
+as one pipeline of EVALSHAs on one connection, in one round trip. A caller waits at most
+``timeout_s`` for its answer (then it gets :class:`StoreUnavailable` and decides without
+Redis); the batch itself runs on to its deadline of four timeouts, and only a batch that
+fails or reaches that deadline opens the outage breaker. A reply that is late because the
+gateway's own event loop is saturated (the reply sits unread while the loop works through
+other requests) thus costs the requests that waited for it, not a cool-down of every request.
+There is no per-read socket timeout (redis-py's costs an asyncio timeout on every read): the
+deadlines above bound every call instead.
 
 Token buckets are kept as GCRA "theoretical arrival times" (the instant the bucket will be
 full again) by one Lua script run with EVALSHA, on the server's clock, with a TTL equal to
@@ -97,6 +107,30 @@ class StoreOptions:
     resubscribe_s: float = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class PendingTake:
+    """A token take waiting for its batch: the bucket's key, the script's ARGV, the answer."""
+
+    key: str
+    args: tuple[str, str, str]
+    answer: asyncio.Future[Any]
+
+
+def bucket_args(rate: float, per_s: float, burst: int) -> tuple[str, str, str]:
+    return repr(float(rate)), repr(float(per_s)), str(int(burst))
+
+
+def fail_takes(batch: list[PendingTake], error: StoreUnavailable) -> None:
+    for take in batch:
+        if not take.answer.done():
+            take.answer.set_exception(error)
+
+
+def expire_takes(batch: list[PendingTake], timeout_s: float) -> None:
+    """The callers' wait is over: they decide without Redis; the batch itself runs on."""
+    fail_takes(batch, StoreUnavailable(f"redis did not answer within {timeout_s:g} s"))
+
+
 class OutageBreaker:
     """Keeps callers off Redis for a cool-down after a failure, then lets one probe through."""
 
@@ -118,6 +152,10 @@ class OutageBreaker:
             return None
         self._probing = True
         return "probe"
+
+    def blocked(self) -> bool:
+        """Whether `admit` would refuse now (without claiming the probe)."""
+        return self._open_until is not None and (self._probing or self._clock() < self._open_until)
 
     def succeed(self, ticket: Literal["closed", "probe"]) -> None:
         # Only the probe closes the breaker: a slow call admitted before the outage began
@@ -157,7 +195,11 @@ class RedisStore:
         self._options = options
         self._breaker = OutageBreaker(clock, options.cooldown_s)
         # Room for a connect, the command, and a NOSCRIPT reload (two more round trips).
-        self._deadline_s = options.timeout_s * 4
+        self._batch_deadline_s = options.timeout_s * 4
+        # Room for a connect and the command.
+        self._deadline_s = options.timeout_s * 2
+        self._takes: list[PendingTake] = []
+        self._batches: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(
@@ -173,8 +215,8 @@ class RedisStore:
         options = StoreOptions(
             timeout_s=timeout_s, max_connections=max_connections, cooldown_s=cooldown_s
         )
-        client = build_client(url, options, listening=False)
-        pubsub_client = build_client(url, options, listening=True)
+        client = build_client(url, options)
+        pubsub_client = build_client(url, options)  # its own pool: subscriptions hold a connection
         return cls(client, pubsub_client, clock=clock, options=options)
 
     @property
@@ -188,10 +230,54 @@ class RedisStore:
     async def take_token(
         self, key: str, rate: float, per_s: float, burst: int
     ) -> tuple[bool, int, float, float]:
-        """Take one token: (allowed, remaining, retry_after_s, reset_s), on the server clock."""
-        reply = await self._guarded(lambda: self._run_bucket_script(key, rate, per_s, burst))
-        allowed, remaining, retry_after, reset = reply
+        """Take one token: (allowed, remaining, retry_after_s, reset_s), on the server clock.
+
+        Joins this loop turn's batch; raises StoreUnavailable after ``timeout_s`` without an
+        answer, or at once during an outage cool-down.
+        """
+        if self._breaker.blocked():
+            raise StoreUnavailable("redis is cooling down after an outage")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._takes.append(PendingTake(key, bucket_args(rate, per_s, burst), answer))
+        if len(self._takes) == 1:
+            loop.call_soon(self._send_takes, loop)
+        allowed, remaining, retry_after, reset = await answer
         return bool(allowed), int(remaining), float(retry_after), float(reset)
+
+    def _send_takes(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._takes = self._takes, []
+        task = loop.create_task(self._run_takes(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+        expiry = loop.call_later(self._options.timeout_s, expire_takes, batch, self._options.timeout_s)
+        task.add_done_callback(lambda _: expiry.cancel())
+
+    async def _run_takes(self, batch: list[PendingTake]) -> None:
+        """One batch's round trip under the outage breaker and the batch deadline."""
+        ticket = self._breaker.admit()
+        if ticket is None:
+            fail_takes(batch, StoreUnavailable("redis is cooling down after an outage"))
+            return
+        try:
+            async with asyncio.timeout(self._batch_deadline_s):
+                replies = await self._run_bucket_scripts(batch)
+        except STORE_ERRORS as error:
+            self._breaker.fail()
+            fail_takes(batch, StoreUnavailable(f"redis: {type(error).__name__}: {error}"))
+            return
+        except BaseException:
+            self._breaker.abandon(ticket)
+            fail_takes(batch, StoreUnavailable("redis store is closing"))
+            raise
+        self._breaker.succeed(ticket)
+        for take, reply in zip(batch, replies, strict=True):
+            if take.answer.done():
+                continue  # its caller gave up (timeout) or left
+            if isinstance(reply, BaseException):
+                take.answer.set_exception(StoreUnavailable(f"redis: {type(reply).__name__}: {reply}"))
+            else:
+                take.answer.set_result(reply)
 
     async def ping(self) -> bool:
         """Whether Redis answers now (False during the cool-down, without asking it)."""
@@ -230,6 +316,9 @@ class RedisStore:
             await asyncio.sleep(self._options.resubscribe_s)
 
     async def aclose(self) -> None:
+        for task in list(self._batches):
+            task.cancel()
+        await asyncio.gather(*self._batches, return_exceptions=True)
         for client in (self._client, self._pubsub_client):
             with contextlib.suppress(*STORE_ERRORS):
                 await client.aclose()
@@ -248,13 +337,26 @@ class RedisStore:
             with contextlib.suppress(*STORE_ERRORS):
                 await pubsub.aclose()
 
-    async def _run_bucket_script(self, key: str, rate: float, per_s: float, burst: int) -> Any:
-        args = (repr(float(rate)), repr(float(per_s)), str(int(burst)))
-        try:
-            return await self._client.evalsha(TOKEN_BUCKET_SHA, 1, key, *args)
-        except NoScriptError:
+    async def _run_bucket_scripts(self, batch: list[PendingTake]) -> list[Any]:
+        """Each take's script reply (or its own error), loading the script once if Redis lost it."""
+        if len(batch) == 1:  # a pipeline of one costs more than the plain command
+            take = batch[0]
+            try:
+                return [await self._client.evalsha(TOKEN_BUCKET_SHA, 1, take.key, *take.args)]
+            except NoScriptError:
+                await self._client.script_load(TOKEN_BUCKET_LUA)
+                return [await self._client.evalsha(TOKEN_BUCKET_SHA, 1, take.key, *take.args)]
+        replies = await self._pipelined(batch)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
             await self._client.script_load(TOKEN_BUCKET_LUA)
-            return await self._client.evalsha(TOKEN_BUCKET_SHA, 1, key, *args)
+            replies = await self._pipelined(batch)
+        return replies
+
+    async def _pipelined(self, batch: list[PendingTake]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for take in batch:
+                pipe.evalsha(TOKEN_BUCKET_SHA, 1, take.key, *take.args)
+            return list(await pipe.execute(raise_on_error=False))
 
     async def _guarded(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation under the breaker and deadline; translate every failure."""
@@ -274,10 +376,10 @@ class RedisStore:
         return result
 
 
-def build_client(url: str, options: StoreOptions, *, listening: bool) -> Client:
-    """A redis-py asyncio client for ``url``; ``listening`` clients are for pub/sub only."""
+def build_client(url: str, options: StoreOptions) -> Client:
+    """A redis-py asyncio client for ``url``."""
     scheme = url.split("://", 1)[0].lower()
-    kwargs = connection_kwargs(options, listening=listening)
+    kwargs = connection_kwargs(options)
     if scheme in ("redis+sentinel", "rediss+sentinel"):
         return build_sentinel_client(url, kwargs)
     if scheme in ("redis+cluster", "rediss+cluster"):
@@ -290,11 +392,11 @@ def build_client(url: str, options: StoreOptions, *, listening: bool) -> Client:
     )
 
 
-def connection_kwargs(options: StoreOptions, *, listening: bool) -> dict[str, Any]:
-    # A pub/sub connection waits for messages, so its reads get no short timeout; its
-    # connect and commands still fail fast.
+def connection_kwargs(options: StoreOptions) -> dict[str, Any]:
+    # No per-read timeout: the store's deadlines bound every command (a pub/sub connection
+    # waits for messages as long as it likes); connecting still fails fast.
     return {
-        "socket_timeout": None if listening else options.timeout_s,
+        "socket_timeout": None,
         "socket_connect_timeout": options.timeout_s,
         "retry": Retry(NoBackoff(), 0),
         "max_connections": options.max_connections,

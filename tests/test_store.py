@@ -34,8 +34,8 @@ BOUND_S = 5.0
 def make_store(url: str, clock: ManualClock | None = None, **options: float) -> RedisStore:
     store_options = StoreOptions(**options)
     return RedisStore(
-        build_client(url, store_options, listening=False),
-        build_client(url, store_options, listening=True),
+        build_client(url, store_options),
+        build_client(url, store_options),
         clock=clock or time.monotonic,
         options=store_options,
     )
@@ -70,40 +70,36 @@ def test_multi_host_urls_are_parsed(
 )
 def test_bad_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
-        build_client(url, StoreOptions(), listening=False)
+        build_client(url, StoreOptions())
 
 
 @pytest.mark.parametrize(
     "url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1", "unix:///tmp/none.sock"]
 )
 def test_standalone_clients_fail_fast_without_retries(url: str) -> None:
-    client = build_client(url, StoreOptions(timeout_s=0.03, max_connections=7), listening=False)
+    client = build_client(url, StoreOptions(timeout_s=0.03, max_connections=7))
     pool = client.connection_pool
     connection = pool.make_connection()
     assert connection.retry.get_retries() == 0
-    assert connection.socket_timeout == 0.03
+    # Connecting fails fast; reads have no timeout of their own: the store's deadlines bound them.
+    assert (connection.socket_connect_timeout, connection.socket_timeout) == (0.03, None)
     assert pool.max_connections == 7
 
 
 def test_cluster_client_has_no_retries() -> None:
-    client = build_client("redis+cluster://127.0.0.1:1", StoreOptions(), listening=False)
+    client = build_client("redis+cluster://127.0.0.1:1", StoreOptions())
     assert isinstance(client, RedisCluster)
     assert client.retry.get_retries() == 0
 
 
 def test_sentinel_clients_fail_fast_without_retries() -> None:
-    client = build_client("redis+sentinel://127.0.0.1:1/m", StoreOptions(), listening=False)
+    client = build_client("redis+sentinel://127.0.0.1:1/m", StoreOptions())
     sentinel = client.connection_pool.sentinel_manager.sentinels[0]
     for connection in (
         client.connection_pool.make_connection(),
         sentinel.connection_pool.make_connection(),
     ):
-        assert (connection.retry.get_retries(), connection.socket_timeout) == (0, 0.05)
-
-
-def test_listening_client_waits_without_read_timeout() -> None:
-    client = build_client("redis://127.0.0.1:1", StoreOptions(), listening=True)
-    assert client.connection_pool.make_connection().socket_timeout is None
+        assert (connection.retry.get_retries(), connection.socket_connect_timeout) == (0, 0.05)
 
 
 def test_outage_breaker_cools_down_then_admits_one_probe() -> None:
@@ -201,22 +197,75 @@ async def test_outage_cools_down_without_touching_redis() -> None:
         remove_workdir(server)
 
 
-async def test_frozen_redis_costs_one_timeout_then_nothing(redis_server: RedisProcess) -> None:
-    store = make_store(redis_server.url, ManualClock(), timeout_s=0.05)
+async def test_frozen_redis_costs_each_caller_one_timeout_until_the_breaker_opens(redis_server: RedisProcess) -> None:
+    timeout_s = 0.05
+    store = make_store(redis_server.url, ManualClock(), timeout_s=timeout_s)
     try:
         await store.take_token("gw:t:{f}", 1.0, 1.0, 5)
         redis_server.pause()
         durations = []
-        for _ in range(5):
+        started_all = time.monotonic()
+        while store.healthy and time.monotonic() - started_all < BOUND_S:
             started = time.monotonic()
             with pytest.raises(StoreUnavailable):
                 await store.take_token("gw:t:{f}", 1.0, 1.0, 5)
             durations.append(time.monotonic() - started)
-        print(f"take_token while Redis is frozen: {[round(d * 1000, 2) for d in durations]} ms")
-        assert max(durations) < 1.0  # sanity: bounded by the timeouts, not by the OS
+        noticed_after_s = time.monotonic() - started_all
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="cooling down"):
+            await store.take_token("gw:t:{f}", 1.0, 1.0, 5)
+        during_cooldown_s = time.monotonic() - started
+        print(f"take_token while Redis is frozen: {[round(d * 1000, 2) for d in durations]} ms; breaker open after {noticed_after_s * 1000:.0f} ms; then {during_cooldown_s * 1000:.3f} ms")
+        assert not store.healthy, "a frozen Redis must open the outage breaker"
+        # Each caller waited about one timeout, never the batch's whole deadline...
+        assert all(timeout_s * 0.9 <= d < timeout_s * 3 for d in durations[:-1]), durations
+        # ...and the breaker opened once the first batch reached its deadline of four timeouts.
+        assert noticed_after_s < timeout_s * 4 + 0.5
+        assert during_cooldown_s < timeout_s / 2
     finally:
         redis_server.resume()
         await store.aclose()
+
+
+async def test_takes_of_one_loop_turn_share_one_round_trip(store: RedisStore, redis_server: RedisProcess) -> None:
+    def evalsha_calls_and_clients() -> tuple[int, int]:
+        stats = send_command(redis_server.port, "INFO", "commandstats").decode()
+        calls = next((int(part.split("=")[1]) for line in stats.splitlines() if line.startswith("cmdstat_evalsha:") for part in line.split(":")[1].split(",") if part.startswith("calls=")), 0)
+        clients = send_command(redis_server.port, "INFO", "clients").decode()
+        connected = next(int(line.split(":")[1]) for line in clients.splitlines() if line.startswith("connected_clients:"))
+        return calls, connected
+
+    await store.take_token("gw:t:{warm}", 1.0, 1.0, 5)  # loads the script, opens a connection
+    calls_before, _ = evalsha_calls_and_clients()
+    answers = await asyncio.gather(*(store.take_token("gw:t:{shared}", 1.0, 60.0, 10) for _ in range(50)))
+    calls_after, connected = evalsha_calls_and_clients()
+    assert calls_after - calls_before == 50  # every take ran the script...
+    assert connected <= 2  # ...on the one connection already open (plus this probe's own)
+    allowed = [remaining for ok, remaining, _, _ in answers if ok]
+    assert sorted(allowed) == list(range(10))  # exactly the burst, each token once
+    assert sum(1 for ok, *_ in answers if not ok) == 40
+
+
+async def test_a_batch_reloads_the_script_after_noscript(store: RedisStore, redis_server: RedisProcess) -> None:
+    await store.take_token("gw:t:{n}", 1.0, 60.0, 20)
+    assert send_command(redis_server.port, "SCRIPT", "FLUSH") == b"+OK\r\n"
+    answers = await asyncio.gather(*(store.take_token("gw:t:{n}", 1.0, 60.0, 20) for _ in range(5)))
+    assert sorted(remaining for _, remaining, _, _ in answers) == [14, 15, 16, 17, 18]
+
+
+async def test_a_reply_late_only_because_the_loop_stalled_does_not_open_the_breaker(store: RedisStore) -> None:
+    """The gateway's own saturated loop is not a Redis outage: the callers that waited too long
+    decide without Redis, the store stays healthy, the next take uses Redis."""
+    await store.take_token("gw:t:{lag}", 1.0, 1.0, 5)
+    waiting = asyncio.ensure_future(store.take_token("gw:t:{lag}", 1.0, 1.0, 5))
+    await asyncio.sleep(0)  # the take joins a batch
+    await asyncio.sleep(0)  # the batch is sent
+    time.sleep(0.12)  # the loop stalls beyond the 50 ms timeout (Redis itself answered at once)
+    await asyncio.gather(waiting, return_exceptions=True)
+    await asyncio.sleep(0.01)
+    assert store.healthy
+    allowed, remaining, _, _ = await store.take_token("gw:t:{lag}", 1.0, 1.0, 5)
+    assert (allowed, remaining) == (True, 2)  # the stalled take was counted by Redis too
 
 
 async def test_subscription_survives_a_redis_restart(redis_server: RedisProcess) -> None:
