@@ -7,6 +7,8 @@ change in what the pipeline counts shows up as a precise difference.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
 import re
 from pathlib import Path
@@ -15,7 +17,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.observability import AccessLog, AccessRecord, JsonEventFormatter, format_time
+from gateway.observability import AccessLog, AccessRecord, JsonEventFormatter, LineHandler, format_time
 from tests.harness import running_gateway, simulated, upstream_config, write_config
 from tests.redis_servers import RedisProcess
 
@@ -216,6 +218,83 @@ def test_access_line_fields_and_time_format() -> None:
     assert line["duration_ms"] == 12.346 and line["status"] == 901 and line["class"] == "function_error"
     assert set(line) == {"time", "request_id", "method", "route", "account", "upstream", "function", "status", "class", "attempts", "duration_ms", "pid"}
     assert format_time(0.999) == "1970-01-01T00:00:00.999Z"
+
+
+class CountingStream(io.BytesIO):
+    """A binary stream that counts its writes (a write is a system call on a real stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.writes += 1
+        return super().write(data)
+
+
+class TextStream(io.TextIOWrapper):
+    def __init__(self, binary: CountingStream) -> None:
+        super().__init__(binary, encoding="utf-8")
+
+
+def access_logger(name: str, handler: logging.Handler) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+def record(request_id: str) -> AccessRecord:
+    return AccessRecord(request_id, "POST", "/t/{function}", "a", "up", "f", 200, None, 1, 0.001)
+
+
+async def test_access_lines_of_one_loop_turn_are_written_together() -> None:
+    binary = CountingStream()
+    handler = LineHandler(TextStream(binary))
+    log = AccessLog(access_logger("test.access.batched", handler), wall_clock=lambda: 1_700_000_000.0)
+    for n in range(5):
+        log.write(record(f"r{n}"))
+    assert binary.getvalue() == b""  # held until the end of this loop turn
+    await asyncio.sleep(0)
+    lines = [orjson.loads(line) for line in binary.getvalue().splitlines()]
+    assert [line["request_id"] for line in lines] == [f"r{n}" for n in range(5)]
+    assert binary.writes == 1
+    log.write(record("r5"))
+    await asyncio.sleep(0)
+    assert binary.writes == 2 and orjson.loads(binary.getvalue().splitlines()[-1])["request_id"] == "r5"
+
+
+def test_access_lines_outside_a_loop_and_other_records_are_written_at_once() -> None:
+    binary = CountingStream()
+    handler = LineHandler(TextStream(binary))
+    log = AccessLog(access_logger("test.access.direct", handler), wall_clock=lambda: 1_700_000_000.0)
+    log.write(record("now"))
+    assert orjson.loads(binary.getvalue())["request_id"] == "now"
+    logging.getLogger("test.access.direct").warning("plain %s", "record")
+    assert binary.getvalue().splitlines()[-1] == b"plain record"
+
+
+async def test_pending_access_lines_are_flushed_on_shutdown_and_when_large() -> None:
+    binary = CountingStream()
+    handler = LineHandler(TextStream(binary))
+    log = AccessLog(access_logger("test.access.flush", handler), wall_clock=lambda: 1_700_000_000.0)
+    log.write(record("pending"))
+    logging.shutdown([lambda: handler])  # what the interpreter's exit does for every handler
+    assert orjson.loads(binary.getvalue())["request_id"] == "pending"
+    many = LineHandler.MAX_PENDING_BYTES // len(orjson.dumps(log.line(record("x")))) + 1
+    for n in range(many):
+        log.write(record(f"m{n}"))
+    assert binary.writes >= 2  # the buffer's bound wrote without waiting for the loop turn
+    await asyncio.sleep(0)
+    assert len(binary.getvalue().splitlines()) == many + 1
+
+
+def test_a_broken_stream_does_not_fail_the_request() -> None:
+    stream = TextStream(CountingStream())
+    stream.close()
+    log = AccessLog(access_logger("test.access.closed", LineHandler(stream)), wall_clock=lambda: 1_700_000_000.0)
+    log.write(record("lost"))  # no exception reaches the pipeline
 
 
 def test_event_log_lines_are_json_with_exceptions() -> None:
