@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.breakers import key_for
 from gateway.status_page import collect_stats, login_page, static_asset, status_page
 from gateway.yamlsource import ConfigError
 
@@ -112,9 +113,17 @@ def admin_routes(gateway: "Gateway") -> list[Route]:
         return json_response({"breakers": gateway.services.breakers.snapshot()})
 
     async def reset_breaker(request: Request) -> Response:
-        assert gateway.services is not None
-        found = gateway.services.breakers.reset(request.path_params["upstream"], request.path_params["function"])
-        return json_response({"reset": found}, 200 if found else 404)
+        services, runtime = gateway.services, gateway.runtime
+        assert services is not None and runtime is not None
+        upstream, function = request.path_params["upstream"], request.path_params["function"]
+        if services.breakers.reset(upstream, function):
+            return json_response({"reset": True})
+        plan = runtime.plans.get(upstream)
+        if plan is None or services.replicator is None:
+            return json_response({"reset": False}, 404)
+        # Never seen here, but it may be open on another replica: the reset goes to all of them.
+        services.breakers.announce_reset(key_for(upstream, function, plan.breaker))
+        return json_response({"reset": True, "known_here": False})
 
     async def reload(_: Request) -> Response:
         try:

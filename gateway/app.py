@@ -265,6 +265,7 @@ async def build_services(settings: Settings, clock: Callable[[], float], wall_cl
         limiter: Any = RedisRateLimiter(counted, config.state.on_redis_error, clock)
         replicator = BreakerReplicator(breakers, counted, replica_id=replica_id)
         replicator.start()
+        await replicator.load_opens()  # before the first request: breakers open on other replicas start open here
         deduper = build_deduper(config, counted, metrics, clock)
     else:
         limiter = MemoryRateLimiter(clock)

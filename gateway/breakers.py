@@ -28,10 +28,11 @@ request probe.
 Replication. `BreakerReplicator` observes the registry: a local open is queued and, in a
 background task, written to `gw:breaker:{upstream}:{function}` (TTL `reset_timeout_s`) and
 published on `gw:breakers`; a listener task applies other replicas' opens with
-`force_open`; a breaker created on this replica queues a background read of its key, so a
-replica that starts late still learns about opens in progress. Once its own hello comes back
-on the channel (the subscription is live), the replicator also reads the key of every breaker
-it already has. An admin reset travels the same way: the key is deleted and a reset is
+`force_open`. Each open is also kept in the sorted set `gw:breakers:open`, scored by when it
+ends: a replica loads every open in progress from it before it serves its first request
+(`load_opens`), and again once its own hello comes back on the channel (the subscription is
+live), so an open published in between is not missed either. A breaker created on this
+replica also queues a background read of its key. An admin reset travels the same way: the key is deleted and a reset is
 published, which the other replicas apply without announcing it again. No request waits on
 Redis; if Redis is down, each replica's breakers still protect it alone.
 
@@ -88,7 +89,9 @@ EVICTION_SCAN = 64
 """How many least recently used breakers are searched for an idle one to evict."""
 
 CHANNEL = "gw:breakers"
+MAX_LOADED_OPENS = 10_000
 KEY_PREFIX = "gw:breaker:"
+OPEN_INDEX = "gw:breakers:open"  # every open in progress, scored by when it ends: what a new replica loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +385,11 @@ class BreakerRegistry:
             observer.breaker_reset(breaker.key)
         return True
 
+    def announce_reset(self, key: BreakerKey) -> None:
+        """Tell the other replicas to close `key`, which this replica has never seen."""
+        for observer in self._observers:
+            observer.breaker_reset(key)
+
     def apply_reset(self, key: BreakerKey) -> bool:
         """Close `key` as an operator did on another replica (not announced again)."""
         breaker = self._breakers.get(key)
@@ -468,6 +476,12 @@ class BreakerStore(Protocol):
     async def get_value(self, key: str) -> bytes | None: ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def add_until(self, key: str, member: bytes, until: float, now: float) -> None: ...
+
+    async def members_after(self, key: str, now: float, limit: int) -> list[bytes]: ...
+
+    async def remove_members(self, key: str, members: list[bytes]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,14 +661,34 @@ class BreakerReplicator:
                 logger.warning("could not publish the breaker event of %s: %s", event.key, error)
 
     async def _publish(self, event: RemoteOpen | RemoteReset) -> None:
+        now = self._registry.clock()
         if isinstance(event, RemoteReset):
-            # The key goes first: a replica starting meanwhile must not load the open again.
+            # The key and the index entries go first: a replica starting meanwhile must not
+            # load the open again.
             await self._store.delete(store_key(event.key))
+            opens = await self._store.members_after(OPEN_INDEX, now, MAX_LOADED_OPENS)
+            await self._store.remove_members(OPEN_INDEX, [raw for raw in opens if (decoded := decode_open(raw)) is not None and decoded.key == event.key])
             await self._store.publish(CHANNEL, encode_reset(event))
             return
         message = encode_open(event)
         await self._store.set_value(store_key(event.key), message, event.reset_timeout_s)
+        await self._store.add_until(OPEN_INDEX, message, event.opened_at + event.reset_timeout_s, now)
         await self._store.publish(CHANNEL, message)
+
+    async def load_opens(self) -> int:
+        """Apply every open in progress on other replicas (at start-up); returns how many."""
+        try:
+            opens = await self._store.members_after(OPEN_INDEX, self._registry.clock(), MAX_LOADED_OPENS)
+        except StoreUnavailable as error:
+            logger.warning("could not load the breakers open on other replicas: %s", error)
+            return 0
+        applied = 0
+        for raw in opens:
+            event = decode_open(raw)
+            if event is not None and event.replica_id != self._replica_id:
+                self._registry.force_open(event.key, event.opened_at, event.reset_timeout_s)
+                applied += 1
+        return applied
 
     async def _fetch_keys(self) -> None:
         while True:
@@ -687,6 +721,8 @@ class BreakerReplicator:
         if self._subscribed.is_set():
             return
         self._subscribed.set()
+        # Opens published from now on arrive on the channel; those before are in the store.
+        self._tasks.append(asyncio.create_task(self.load_opens(), name="breakers-load"))
         for key in self._registry.keys():
             if not self._enqueue(self._fetches, key):
                 break

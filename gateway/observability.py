@@ -169,6 +169,15 @@ class CountingStore:
     async def publish(self, channel: str, message: bytes) -> None:
         return await self._counted("publish", self._store.publish(channel, message))
 
+    async def add_until(self, key: str, member: bytes, until: float, now: float) -> None:
+        return await self._counted("zadd", self._store.add_until(key, member, until, now))
+
+    async def members_after(self, key: str, now: float, limit: int) -> list[bytes]:
+        return await self._counted("zrangebyscore", self._store.members_after(key, now, limit))
+
+    async def remove_members(self, key: str, members: list[bytes]) -> None:
+        return await self._counted("zrem", self._store.remove_members(key, members))
+
     def subscribe(self, channel: str) -> AsyncIterator[bytes]:
         return self._store.subscribe(channel)
 

@@ -305,6 +305,25 @@ class RedisStore:
     async def publish(self, channel: str, message: bytes) -> None:
         await self._guarded(lambda: self._client.publish(channel, message))
 
+    async def add_until(self, key: str, member: bytes, until: float, now: float) -> None:
+        """Keep `member` in the sorted set `key` until `until` (epoch s); drop members past `now`."""
+
+        async def add() -> None:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zadd(key, {member: until})
+                pipe.zremrangebyscore(key, "-inf", now)
+                await pipe.execute()
+
+        await self._guarded(add)
+
+    async def members_after(self, key: str, now: float, limit: int) -> list[bytes]:
+        """Up to `limit` members of the sorted set `key` kept until after `now`."""
+        return list(await self._guarded(lambda: self._client.zrangebyscore(key, f"({now!r}", "+inf", start=0, num=limit)))
+
+    async def remove_members(self, key: str, members: list[bytes]) -> None:
+        if members:
+            await self._guarded(lambda: self._client.zrem(key, *members))
+
     async def subscribe(self, channel: str) -> AsyncIterator[bytes]:
         """Messages on ``channel`` for as long as the caller iterates, across Redis outages."""
         while True:

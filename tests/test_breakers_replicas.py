@@ -152,6 +152,74 @@ async def test_an_admin_reset_on_one_process_closes_the_breaker_on_both(tmp_path
         assert upstream.count(PATH) == calls + 2
 
 
+@contextlib.asynccontextmanager
+async def third_replica(tmp_path: Path) -> AsyncIterator[Replica]:
+    """One more process on the same configuration, started now."""
+    with contextlib.ExitStack() as stack:
+        process = await asyncio.to_thread(stack.enter_context, gateway_process(tmp_path / "gateway.yaml"))
+        async with httpx.AsyncClient(base_url=process.url, timeout=10.0) as client:
+            yield Replica(process, client)
+
+
+async def test_a_replica_started_after_an_open_refuses_its_first_request(tmp_path: Path, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It loads the opens in progress before it serves: not even one call reaches the failing function."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    async with simulated("liveperson") as upstream, two_replicas(tmp_path, upstream, redis_server) as (a, _):
+        await open_on(a, upstream)
+        await until_gone_or_present(redis_server, present=True)
+        async with third_replica(tmp_path) as late:
+            calls = upstream.count(PATH)
+            response = await late.invoke()
+            assert response.status_code == 503, response.text
+            assert response.json()["problem"]["class"] == "circuit_open"
+            assert upstream.count(PATH) == calls
+            entry = await late.breaker()
+            assert entry is not None and entry["state"] == "open"
+            assert RESET_TIMEOUT_S - 5 < entry["open_remaining_s"] <= RESET_TIMEOUT_S
+
+
+async def test_a_reset_on_a_replica_that_never_saw_the_breaker_closes_it_everywhere(tmp_path: Path, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    async with simulated("liveperson") as upstream, two_replicas(tmp_path, upstream, redis_server) as (a, b):
+        await open_on(a, upstream)
+        await until_state(b, "open", SEEN_WITHIN_S)
+        # A replica that missed the open (started while the index was unreadable, say) has no
+        # breaker for the function; an operator who resets through it must still close it.
+        send_command(redis_server.port, "DEL", "gw:breakers:open")
+        async with third_replica(tmp_path) as blank:
+            assert await blank.breaker() is None
+            reset = await blank.reset()
+            assert (reset.status_code, reset.json()) == (200, {"reset": True, "known_here": False})
+            unknown = await blank.client.post("/admin/breakers/nope/f/reset", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+            assert (unknown.status_code, unknown.json()) == (404, {"reset": False})
+        for replica in (a, b):
+            await until_state(replica, "closed", SEEN_WITHIN_S)
+        await until_gone(redis_server)
+        calls = upstream.count(PATH)
+        for replica in (a, b):
+            assert (await replica.invoke()).status_code == 200
+        assert upstream.count(PATH) == calls + 2
+
+
+async def test_a_reset_also_removes_the_open_a_new_replica_would_load(tmp_path: Path, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    async with simulated("liveperson") as upstream, two_replicas(tmp_path, upstream, redis_server) as (a, _):
+        await open_on(a, upstream)
+        assert (await a.reset()).status_code == 200
+        await until_gone(redis_server)
+        async with asyncio.timeout(SEEN_WITHIN_S):
+            while send_command(redis_server.port, "ZCARD", "gw:breakers:open").strip() != b":0":
+                await asyncio.sleep(0.02)
+        async with third_replica(tmp_path) as late:
+            assert (await late.invoke()).status_code == 200
+
+
+async def until_gone_or_present(redis: RedisProcess, present: bool) -> None:
+    async with asyncio.timeout(SEEN_WITHIN_S):
+        while key_exists(redis) != present:
+            await asyncio.sleep(0.02)
+
+
 async def until_gone(redis: RedisProcess) -> None:
     async with asyncio.timeout(SEEN_WITHIN_S):
         while key_exists(redis):
