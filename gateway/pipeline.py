@@ -220,7 +220,8 @@ class Pipeline:
         metrics = self.rt.metrics
         metrics.child(metrics.ratelimit, plan.name, "allowed" if decision.allowed else "refused", decision.source).inc()
         if decision.source == "unavailable":
-            outcome = Outcome(ErrorClass.GATEWAY_ERROR, 503, "gateway.ratelimit_unavailable", "rate-limit state is unreachable", made_by_gateway=True)
+            # Retry-After: the outage cool-down left, when the next request may find Redis again
+            outcome = Outcome(ErrorClass.GATEWAY_ERROR, 503, "gateway.ratelimit_unavailable", "rate-limit state is unreachable", decision.retry_after_s, made_by_gateway=True)
             await self._respond_gateway(exchange, plan.dialect, outcome)
             return False
         exchange.extra_headers.extend(self._rate_limit_headers(decision))

@@ -219,6 +219,8 @@ async def test_redis_killed_or_frozen_under_load(tmp_path: Path, caplog: pytest.
         assert set(statuses) == {200, 503} and refused
         assert {problem(ex)["code"] for ex in refused} == {"gateway.ratelimit_unavailable"}
         assert {problem(ex)["attempts"] for ex in refused} == {0}
+        # when to come back: the outage cool-down left (1 s here), never less than a second
+        assert {ex.only.headers.get("retry-after") for ex in refused} == {"1"}
     assert len(sim.calls) == statuses[200]
 
 
