@@ -19,11 +19,12 @@ failure the store does not touch Redis for ``cooldown_s`` (calls raise
 resumes normal use. Every redis-py error and timeout becomes :class:`StoreUnavailable` here,
 so no other module imports ``redis``.
 
-Token takes are batched: the takes asked for during one turn of the event loop go to Redis
-as one pipeline of EVALSHAs on one connection, in one round trip. A caller waits at most
-``timeout_s`` for its answer (then it gets :class:`StoreUnavailable` and decides without
-Redis); the batch itself runs on to its deadline of four timeouts, and only a batch that
-fails or reaches that deadline opens the outage breaker. A reply that is late because the
+Commands on keys are batched: the token takes (EVALSHA), SETs, GETs and DELs asked for
+during one turn of the event loop go to Redis as one pipeline on one connection, in one round
+trip. A caller waits at most ``timeout_s`` for its answer (then it gets
+:class:`StoreUnavailable` and goes on without Redis); the batch itself runs on to its deadline
+of four timeouts, and only a batch that fails or reaches that deadline opens the outage
+breaker. A reply that is late because the
 gateway's own event loop is saturated (the reply sits unread while the loop works through
 other requests) thus costs the requests that waited for it, not a cool-down of every request.
 There is no per-read socket timeout (redis-py's costs an asyncio timeout on every read): the
@@ -108,11 +109,10 @@ class StoreOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingTake:
-    """A token take waiting for its batch: the bucket's key, the script's ARGV, the answer."""
+class PendingCommand:
+    """A command waiting for its batch (e.g. ``("SET", key, value, "PX", 500)``) and its answer."""
 
-    key: str
-    args: tuple[str, str, str]
+    args: tuple[Any, ...]
     answer: asyncio.Future[Any]
 
 
@@ -120,15 +120,15 @@ def bucket_args(rate: float, per_s: float, burst: int) -> tuple[str, str, str]:
     return repr(float(rate)), repr(float(per_s)), str(int(burst))
 
 
-def fail_takes(batch: list[PendingTake], error: StoreUnavailable) -> None:
-    for take in batch:
-        if not take.answer.done():
-            take.answer.set_exception(error)
+def fail_commands(batch: list[PendingCommand], error: StoreUnavailable) -> None:
+    for command in batch:
+        if not command.answer.done():
+            command.answer.set_exception(error)
 
 
-def expire_takes(batch: list[PendingTake], timeout_s: float) -> None:
-    """The callers' wait is over: they decide without Redis; the batch itself runs on."""
-    fail_takes(batch, StoreUnavailable(f"redis did not answer within {timeout_s:g} s"))
+def expire_commands(batch: list[PendingCommand], timeout_s: float) -> None:
+    """The callers' wait is over: they go on without Redis; the batch itself runs on."""
+    fail_commands(batch, StoreUnavailable(f"redis did not answer within {timeout_s:g} s"))
 
 
 class OutageBreaker:
@@ -198,7 +198,7 @@ class RedisStore:
         self._batch_deadline_s = options.timeout_s * 4
         # Room for a connect and the command.
         self._deadline_s = options.timeout_s * 2
-        self._takes: list[PendingTake] = []
+        self._pending: list[PendingCommand] = []
         self._batches: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -230,54 +230,82 @@ class RedisStore:
     async def take_token(
         self, key: str, rate: float, per_s: float, burst: int
     ) -> tuple[bool, int, float, float]:
-        """Take one token: (allowed, remaining, retry_after_s, reset_s), on the server clock.
+        """Take one token: (allowed, remaining, retry_after_s, reset_s), on the server clock."""
+        reply = await self._batched("EVALSHA", TOKEN_BUCKET_SHA, 1, key, *bucket_args(rate, per_s, burst))
+        allowed, remaining, retry_after, reset = reply
+        return bool(allowed), int(remaining), float(retry_after), float(reset)
 
-        Joins this loop turn's batch; raises StoreUnavailable after ``timeout_s`` without an
-        answer, or at once during an outage cool-down.
+    async def _batched(self, *args: Any) -> Any:
+        """One command, sent with the others of this loop turn; its reply or StoreUnavailable.
+
+        Raises at once during an outage cool-down, and after ``timeout_s`` without an answer.
         """
         if self._breaker.blocked():
             raise StoreUnavailable("redis is cooling down after an outage")
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
-        self._takes.append(PendingTake(key, bucket_args(rate, per_s, burst), answer))
-        if len(self._takes) == 1:
-            loop.call_soon(self._send_takes, loop)
-        allowed, remaining, retry_after, reset = await answer
-        return bool(allowed), int(remaining), float(retry_after), float(reset)
+        self._pending.append(PendingCommand(args, answer))
+        if len(self._pending) == 1:
+            loop.call_soon(self._send_batch, loop)
+        return await answer
 
-    def _send_takes(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch, self._takes = self._takes, []
-        task = loop.create_task(self._run_takes(batch))
+    def _send_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._pending = self._pending, []
+        task = loop.create_task(self._run_batch(batch))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
-        expiry = loop.call_later(self._options.timeout_s, expire_takes, batch, self._options.timeout_s)
+        expiry = loop.call_later(self._options.timeout_s, expire_commands, batch, self._options.timeout_s)
         task.add_done_callback(lambda _: expiry.cancel())
 
-    async def _run_takes(self, batch: list[PendingTake]) -> None:
+    async def _run_batch(self, batch: list[PendingCommand]) -> None:
         """One batch's round trip under the outage breaker and the batch deadline."""
         ticket = self._breaker.admit()
         if ticket is None:
-            fail_takes(batch, StoreUnavailable("redis is cooling down after an outage"))
+            fail_commands(batch, StoreUnavailable("redis is cooling down after an outage"))
             return
         try:
             async with asyncio.timeout(self._batch_deadline_s):
-                replies = await self._run_bucket_scripts(batch)
+                replies = await self._execute(batch)
         except STORE_ERRORS as error:
             self._breaker.fail()
-            fail_takes(batch, StoreUnavailable(f"redis: {type(error).__name__}: {error}"))
+            fail_commands(batch, StoreUnavailable(f"redis: {type(error).__name__}: {error}"))
             return
         except BaseException:
             self._breaker.abandon(ticket)
-            fail_takes(batch, StoreUnavailable("redis store is closing"))
+            fail_commands(batch, StoreUnavailable("redis store is closing"))
             raise
         self._breaker.succeed(ticket)
-        for take, reply in zip(batch, replies, strict=True):
-            if take.answer.done():
+        for command, reply in zip(batch, replies, strict=True):
+            if command.answer.done():
                 continue  # its caller gave up (timeout) or left
             if isinstance(reply, BaseException):
-                take.answer.set_exception(StoreUnavailable(f"redis: {type(reply).__name__}: {reply}"))
+                command.answer.set_exception(StoreUnavailable(f"redis: {type(reply).__name__}: {reply}"))
             else:
-                take.answer.set_result(reply)
+                command.answer.set_result(reply)
+
+    async def _execute(self, batch: list[PendingCommand]) -> list[Any]:
+        """Each command's reply (or its own error), loading the script once if Redis lost it."""
+        if len(batch) == 1:  # a pipeline of one costs more than the plain command
+            args = batch[0].args
+            try:
+                return [await self._client.execute_command(*args)]
+            except NoScriptError:
+                await self._client.script_load(TOKEN_BUCKET_LUA)
+                return [await self._client.execute_command(*args)]
+        replies = await self._pipelined([command.args for command in batch])
+        lost = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:
+            # Only the scripts again: a SET NX that succeeded must not be sent a second time.
+            await self._client.script_load(TOKEN_BUCKET_LUA)
+            for index, reply in zip(lost, await self._pipelined([batch[i].args for i in lost]), strict=True):
+                replies[index] = reply
+        return replies
+
+    async def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for args in commands:
+                pipe.execute_command(*args)
+            return list(await pipe.execute(raise_on_error=False))
 
     async def ping(self) -> bool:
         """Whether Redis answers now (False during the cool-down, without asking it)."""
@@ -291,16 +319,14 @@ class RedisStore:
     ) -> bool:
         """SET with a TTL; with ``only_if_absent`` returns False when the key already exists."""
         ttl_ms = max(1, round(ttl_s * 1000))
-        reply = await self._guarded(
-            lambda: self._client.set(key, value, px=ttl_ms, nx=only_if_absent)
-        )
-        return bool(reply)
+        condition = ("NX",) if only_if_absent else ()
+        return bool(await self._batched("SET", key, value, "PX", ttl_ms, *condition))
 
     async def get_value(self, key: str) -> bytes | None:
-        return await self._guarded(lambda: self._client.get(key))
+        return await self._batched("GET", key)
 
     async def delete(self, key: str) -> None:
-        await self._guarded(lambda: self._client.delete(key))
+        await self._batched("DEL", key)
 
     async def publish(self, channel: str, message: bytes) -> None:
         await self._guarded(lambda: self._client.publish(channel, message))
@@ -355,27 +381,6 @@ class RedisStore:
         finally:
             with contextlib.suppress(*STORE_ERRORS):
                 await pubsub.aclose()
-
-    async def _run_bucket_scripts(self, batch: list[PendingTake]) -> list[Any]:
-        """Each take's script reply (or its own error), loading the script once if Redis lost it."""
-        if len(batch) == 1:  # a pipeline of one costs more than the plain command
-            take = batch[0]
-            try:
-                return [await self._client.evalsha(TOKEN_BUCKET_SHA, 1, take.key, *take.args)]
-            except NoScriptError:
-                await self._client.script_load(TOKEN_BUCKET_LUA)
-                return [await self._client.evalsha(TOKEN_BUCKET_SHA, 1, take.key, *take.args)]
-        replies = await self._pipelined(batch)
-        if any(isinstance(reply, NoScriptError) for reply in replies):
-            await self._client.script_load(TOKEN_BUCKET_LUA)
-            replies = await self._pipelined(batch)
-        return replies
-
-    async def _pipelined(self, batch: list[PendingTake]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for take in batch:
-                pipe.evalsha(TOKEN_BUCKET_SHA, 1, take.key, *take.args)
-            return list(await pipe.execute(raise_on_error=False))
 
     async def _guarded(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation under the breaker and deadline; translate every failure."""

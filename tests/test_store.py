@@ -249,8 +249,9 @@ async def test_takes_of_one_loop_turn_share_one_round_trip(store: RedisStore, re
 async def test_a_batch_reloads_the_script_after_noscript(store: RedisStore, redis_server: RedisProcess) -> None:
     await store.take_token("gw:t:{n}", 1.0, 60.0, 20)
     assert send_command(redis_server.port, "SCRIPT", "FLUSH") == b"+OK\r\n"
-    answers = await asyncio.gather(*(store.take_token("gw:t:{n}", 1.0, 60.0, 20) for _ in range(5)))
+    *answers, claimed = await asyncio.gather(*(store.take_token("gw:t:{n}", 1.0, 60.0, 20) for _ in range(5)), store.set_value("gw:v:{n}", b"first", 5.0, only_if_absent=True))
     assert sorted(remaining for _, remaining, _, _ in answers) == [14, 15, 16, 17, 18]
+    assert claimed  # only the scripts were sent again: the SET NX in the same batch was not
 
 
 async def test_a_reply_late_only_because_the_loop_stalled_does_not_open_the_breaker(store: RedisStore) -> None:
@@ -333,6 +334,14 @@ async def test_cluster_runs_the_script_on_every_slot(redis_cluster) -> None:
             assert send_command(node.port, "DBSIZE") != b":0\r\n"
         assert await store.set_value("gw:v:{c}", b"v", 5.0)
         assert await store.get_value("gw:v:{c}") == b"v"
+        # One loop turn's commands across every node: one batch, split by the cluster pipeline.
+        batched = await asyncio.gather(
+            *(store.take_token(f"gw:t:{{batch-{n}}}", 1.0, 60.0, 1) for n in range(12)),
+            *(store.set_value(f"gw:v:{{batch-{n}}}", b"x", 5.0, only_if_absent=True) for n in range(12)),
+            store.get_value("gw:v:{c}"),
+        )
+        assert [a[0] for a in batched[:12]] == [True] * 12
+        assert batched[12:24] == [True] * 12 and batched[24] == b"v"
     finally:
         await store.aclose()
 
