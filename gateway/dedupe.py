@@ -148,10 +148,8 @@ def request_key(scope: dict[str, Any], upstream: str, account: str | None, funct
         *identity_of(headers),
         hashlib.sha256(body).digest(),
     )
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(len(part).to_bytes(4, "big") + part)
-    return KEY_PREFIX + digest.hexdigest()
+    framed = b"".join(len(part).to_bytes(4, "big") + part for part in parts)  # the same digest as one update per part
+    return KEY_PREFIX + hashlib.sha256(framed).hexdigest()
 
 
 def is_final(error_class: ErrorClass | None) -> bool:
@@ -173,9 +171,10 @@ class StoredResponse:
     attempts: int
     error_class: str | None
 
-    @property
-    def size(self) -> int:
-        return len(self.body) + sum(len(n) + len(v) for n, v in self.headers) + _ENTRY_OVERHEAD_BYTES
+    size: int = dataclasses.field(init=False, compare=False, repr=False)  # bytes it holds in memory, counted once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", len(self.body) + sum(len(n) + len(v) for n, v in self.headers) + _ENTRY_OVERHEAD_BYTES)
 
     @property
     def final(self) -> bool:
@@ -474,31 +473,43 @@ def detach(exchange: Exchange, flight: Flight) -> Exchange:
     function's one run, and the client's retry will want it); the flight's `receive` stops
     the retries once nobody waits.
     """
-    return dataclasses.replace(exchange, receive=flight.receive, send=flight.send, extra_headers=[], disconnect_watch=None, shared=True)
+    # Built field by field: dataclasses.replace() introspects the fields on every request.
+    return Exchange(
+        scope=exchange.scope, receive=flight.receive, send=flight.send, request_id=exchange.request_id, started=exchange.started,
+        match=exchange.match, plan=exchange.plan, account=exchange.account, attempts=exchange.attempts, status=exchange.status,
+        error_class=exchange.error_class, replayed=exchange.replayed, extra_headers=[], disconnect_watch=None,
+        body_failure=exchange.body_failure, shared=True,
+    )  # fmt: skip
 
 
 class Lease:
-    """Renews a Redis in-flight mark while the invocation runs, so a dead owner is noticed soon."""
+    """Renews a Redis in-flight mark every third of the lease while the invocation runs, so a
+    dead owner is noticed soon. Most invocations end before the first renewal: until then
+    the lease is one timer, no task."""
 
     def __init__(self, backend: Backend, key: str, lease_s: float) -> None:
         self._backend = backend
         self._key = key
         self._lease_s = lease_s
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self._stopped = False
+        self._renewal: asyncio.Task[None] | None = None
+        self._timer = self._loop.call_later(lease_s / 3, self._renew)
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._stop.wait(), self._lease_s / 3)
-                return
-            except TimeoutError:
-                await self._backend.renew(self._key, self._lease_s)
+    def _renew(self) -> None:
+        self._renewal = self._loop.create_task(self._renew_once())
+
+    async def _renew_once(self) -> None:
+        await self._backend.renew(self._key, self._lease_s)
+        if not self._stopped:
+            self._timer = self._loop.call_later(self._lease_s / 3, self._renew)
 
     async def stop(self) -> None:
         """Stop renewing; a renewal in progress finishes first, so it never lands after `finish`."""
-        self._stop.set()
-        await self._task
+        self._stopped = True
+        self._timer.cancel()
+        if self._renewal is not None:
+            await self._renewal
 
 
 # --- the pipeline's entry point ---------------------------------------------------------------
@@ -599,7 +610,8 @@ class Deduper:
         watch = exchange.disconnect_watch
         assert watch is not None
         timeout = None if deadline is None else max(0.0, deadline - self._clock())
-        await asyncio.wait({future, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not future.done() and not watch.done():
+            await first_of(future, watch, timeout)
         if future.done():
             return future.result()
         if watch.done():
@@ -690,6 +702,28 @@ class Deduper:
         finally:
             if lease is not None:
                 await lease.stop()
+
+
+async def first_of(one: asyncio.Future[Any], other: asyncio.Future[Any], timeout: float | None) -> None:
+    """Wait until either future is done or `timeout` passes (what `asyncio.wait(FIRST_COMPLETED)`
+    does, without its task wrapping, sets and partials on every request)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake(_: Any = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    one.add_done_callback(wake)
+    other.add_done_callback(wake)
+    timer = loop.call_later(timeout, wake) if timeout is not None else None
+    try:
+        await waiter
+    finally:
+        one.remove_done_callback(wake)
+        other.remove_done_callback(wake)
+        if timer is not None:
+            timer.cancel()
 
 
 def _deadline_passed(why: str) -> Outcome:

@@ -4,6 +4,7 @@ for real), the flight's tee and the claim loop with an injected clock and sleep.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -292,6 +293,17 @@ def flight(limit: int = 100) -> Flight:
     flight = Flight("k", DedupeRule(30.0, limit, RULE.id_headers), "up")
     flight.detached = detach(exchange, flight)
     return flight
+
+
+async def test_a_detached_exchange_keeps_every_field_but_its_client() -> None:
+    """detach() names the fields one by one: a field added to Exchange must not be dropped."""
+    original = Exchange(scope(ID), _never, _nowhere, "r-9", 12.5, account="acct", attempts=2, status=201, error_class=ErrorClass.SERVER_ERROR, replayed=True, extra_headers=[(b"a", b"b")], body_failure=ValueError("x"))
+    copy = detach(original, flight())
+    own_client = {"receive", "send", "extra_headers", "disconnect_watch", "shared"}
+    for item in dataclasses.fields(Exchange):
+        if item.name not in own_client:
+            assert getattr(copy, item.name) is getattr(original, item.name), item.name
+    assert (copy.extra_headers, copy.disconnect_watch, copy.shared) == ([], None, True)
 
 
 def start(status: int = 200) -> dict[str, Any]:
