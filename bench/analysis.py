@@ -16,7 +16,7 @@ CPU_CELL = ("fast", 64)
 SLOW_CELL = ("slow", 64)
 IDLE_CELL = ("fast", 1)
 CONCURRENCY_CELLS = (("fast", 16), ("fast", 256))
-GATEWAYS = ("gateway", "gateway-redis")
+GATEWAYS = ("gateway", "gateway-redis", "gateway-ids")
 
 
 def medians(runs: Iterable[Mapping[str, Any]]) -> dict[Cell, dict[str, float]]:

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stack import BENCH
+from stack import BENCH, REQUEST_ID_TARGETS
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -81,18 +81,18 @@ class RunResult:
     proxy_cpu_s: float
     cpu_us_per_request: float
     foreign_cpu_cores: float
-    fallback_share: float = 0.0  # rate-limit decisions taken without Redis (gateway-redis only)
+    fallback_share: float = 0.0  # rate-limit decisions taken without Redis (Redis-backed gateways only)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
 
 
-def run_wrk(url: str, connections: int, duration_s: float, core: int, body_file: Path) -> dict[str, object]:
+def run_wrk(url: str, connections: int, duration_s: float, core: int, body_file: Path, request_ids: bool = False) -> dict[str, object]:
     argv = [
         "taskset", "-c", str(core), "wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "10s",
         "-s", str(BENCH / "report.lua"), url,
     ]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_BODY_FILE": str(body_file)}, timeout=duration_s + 60)
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_REQUEST_IDS": "1" if request_ids else "0"}, timeout=duration_s + 60)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
             return json.loads(line.removeprefix("BENCH_JSON "))
@@ -108,7 +108,7 @@ def measure(
     wait_idle(known)
     cpu_before = {pid: process_cpu_s(pid) for pid in known}
     busy_before, wrk_before, wall_before = core_busy_s(), children_cpu_s(), time.monotonic()
-    report = run_wrk(url, connections, duration_s, core, body_file)
+    report = run_wrk(url, connections, duration_s, core, body_file, request_ids=target in REQUEST_ID_TARGETS)
     wall = time.monotonic() - wall_before
     busy_after, wrk_cpu = core_busy_s(), children_cpu_s() - wrk_before
     used = {pid: process_cpu_s(pid) - cpu_before[pid] for pid in known}

@@ -6,7 +6,7 @@ out of the picture), the ASGI receive/send are plain callables, and the access l
 metrics and the access log: the part of the gateway's cost that is ours rather than the
 stack's. Variants switch features off to price them one by one.
 
-    .venv/bin/python bench/pipeline_cost.py [--requests 20000] [--rounds 5]
+    .venv/bin/python bench/pipeline_cost.py [--requests 20000] [--rounds 5] [--only VARIANT]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -62,8 +63,10 @@ class CannedUpstream:
         return CannedReply()
 
 
-def scope_for(path: str) -> dict[str, Any]:
+def scope_for(path: str, request_id: bytes | None = None) -> dict[str, Any]:
     headers = [(b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json"), (b"content-length", str(len(REQUEST)).encode())]
+    if request_id is not None:  # as the LivePerson client and boto3 send one: duplicate coalescing runs
+        headers.append((b"x-request-id", request_id))
     return {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
@@ -71,7 +74,7 @@ def scope_for(path: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def drive(config: Path, requests: int, rounds: int) -> list[float]:
+async def drive(config: Path, requests: int, rounds: int, caller_ids: bool = False) -> list[float]:
     app = create_app(load_settings(config))
     await app.start()
     gc.collect()
@@ -98,7 +101,7 @@ async def drive(config: Path, requests: int, rounds: int) -> list[float]:
                 if message["type"] == "http.response.start":
                     statuses.append(message["status"])
 
-            await app(scope_for(path), receive, send)
+            await app(scope_for(path, os.urandom(8).hex().encode() if caller_ids else None), receive, send)
 
         for _ in range(500):
             await one()
@@ -116,10 +119,11 @@ async def drive(config: Path, requests: int, rounds: int) -> list[float]:
 
 
 VARIANTS = {
-    "full pipeline": ("INFO", True),
-    "no access log": ("WARNING", True),
-    "no rate limit": ("INFO", False),
-    "neither": ("WARNING", False),
+    "full pipeline": ("INFO", True, False),
+    "no access log": ("WARNING", True, False),
+    "no rate limit": ("INFO", False, False),
+    "neither": ("WARNING", False, False),
+    "with caller id": ("INFO", True, True),
 }
 
 
@@ -133,7 +137,7 @@ def main() -> None:
 
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, (level, rate_limited) in VARIANTS.items():
+        for name, (level, rate_limited, caller_ids) in VARIANTS.items():
             if args.only and name != args.only:
                 continue
             text = gateway_conf(9, 9, None)
@@ -144,7 +148,7 @@ def main() -> None:
             configure_logging(level)
             logging.getLogger("gateway").setLevel(logging.WARNING)  # start/stop events, not the access log
             logging.getLogger("gateway.access").handlers[0].setStream(open("/dev/null", "w"))  # noqa: SIM115
-            results[name] = uvloop.run(drive(config, args.requests, args.rounds))
+            results[name] = uvloop.run(drive(config, args.requests, args.rounds, caller_ids))
     base = statistics.median(next(iter(results.values())))
     for name, rounds in results.items():
         median = statistics.median(rounds)

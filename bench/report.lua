@@ -8,6 +8,21 @@ wrk.body = file:read("*a")
 file:close()
 wrk.headers["Content-Type"] = "application/json"
 
+-- BENCH_REQUEST_IDS=1: every request carries its own X-Request-ID, as the LivePerson client and
+-- boto3 (amz-sdk-invocation-id) send one, so the gateway's duplicate coalescing runs on each.
+-- The prefix comes from /dev/urandom: ids never repeat across runs (a repeat would be a replay).
+if os.getenv("BENCH_REQUEST_IDS") == "1" then
+  local random = assert(io.open("/dev/urandom", "rb"))
+  local prefix = random:read(8):gsub(".", function(c) return string.format("%02x", c:byte()) end)
+  random:close()
+  local counter = 0
+  request = function()
+    counter = counter + 1
+    wrk.headers["X-Request-ID"] = prefix .. "-" .. counter
+    return wrk.format()
+  end
+end
+
 -- No response() callback: it would make wrk hand every response to Lua and slow it down.
 -- summary.errors.status counts answers with a status above 399.
 

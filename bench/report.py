@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis import CPU_CELL, IDLE_CELL, SLOW_CELL, Cell, added, ratio, value
-from stack import SLOW_DELAY_MS, TARGETS
+from stack import REDIS_GATEWAYS, SLOW_DELAY_MS, TARGETS
 
 DOC_BEGIN = "<!-- bench:summary:begin -->"
 DOC_END = "<!-- bench:summary:end -->"
@@ -110,16 +110,16 @@ def upstream_check(table: Mapping[Cell, Mapping[str, float]]) -> str:
 
 
 def fallback_lines(table: Mapping[Cell, Mapping[str, float]]) -> list[str]:
-    """Where gateway-redis decided without Redis (its calls timed out on an overloaded loop)."""
-    cells = [(u, c, row["fallback_share"]) for (t, u, c), row in sorted(table.items()) if t == "gateway-redis" and row.get("fallback_share")]
+    """Where a Redis-backed gateway decided without Redis (its answer came later than the timeout)."""
+    cells = [(t, u, c, row["fallback_share"]) for (t, u, c), row in sorted(table.items()) if t in REDIS_GATEWAYS and row.get("fallback_share")]
     if not cells:
         return []
-    listed = ", ".join(f"{u}/{c}: {share:.0%}" for u, c, share in cells)
+    listed = ", ".join(f"{t} {u}/{c}: {share:.1%}" for t, u, c, share in cells)
     return [
-        f"gateway-redis took some decisions without Redis (median share per cell): {listed}. A Redis call counts its time "
-        "waiting in the gateway's own saturated event loop against `state.redis_timeout_s`, so at saturation calls time out, "
-        "the store's outage breaker opens, and `on_redis_error: local` decides in memory for the cool-down; those cells "
-        "flatter the Redis variant.",
+        f"Rate-limit decisions taken without Redis (median share per cell, where any): {listed}. A request whose Redis answer "
+        "has not arrived within `state.redis_timeout_s` is decided in memory (`on_redis_error: local`); on a saturated event "
+        "loop the answer can sit unread past the timeout. Only a batch with no answer after four timeouts would open the "
+        "outage breaker.",
         "",
     ]
 
@@ -141,7 +141,9 @@ def summary_markdown(results: Mapping[str, Any], chart: str = "latency.png") -> 
         f"the fast upstream is nginx answering a fixed {run['body_bytes']}-byte JSON body, the slow one an asyncio server "
         f"answering after {SLOW_DELAY_MS:g} ms. The gateway runs `gateway serve` (one uvicorn worker, uvloop, httptools) with its "
         "default pipeline (LivePerson classification, breaker, retries, a rate limit that never refuses, access log at INFO to "
-        "/dev/null, metrics); `gateway-redis` keeps its rate-limit buckets in a local redis-server. nginx (1 worker, "
+        "/dev/null, metrics); `gateway-redis` keeps its rate-limit buckets in a local redis-server; `gateway-ids` is `gateway-redis` "
+        "receiving a unique `X-Request-ID` with every request, as the LivePerson client and boto3 send one, so duplicate "
+        "coalescing runs too (an in-flight mark in Redis, the stored answer). nginx (1 worker, "
         "upstream keepalive) and HAProxy (1 thread, http-reuse always) run without access logs. `minimal` is the floor of this "
         "stack: a bare ASGI callable relaying through one aiohttp session on the same uvicorn setup, with no feature at all "
         "(bench/minimal_proxy.py).",

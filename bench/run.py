@@ -33,7 +33,7 @@ from analysis import GATEWAYS, medians, memory_verdict, targets  # noqa: E402
 from load import RunResult, measure, process_rss_bytes  # noqa: E402
 from hotspots import parse_collapsed, profile_markdown, start_py_spy  # noqa: E402
 from report import draw_chart, summary_markdown, update_doc  # noqa: E402
-from stack import BENCH, BODY_BYTES, REPO, TARGETS, Pinning, Stack, http_get, json_body, running_stack  # noqa: E402
+from stack import BENCH, BODY_BYTES, REDIS_GATEWAYS, REPO, TARGETS, Pinning, Stack, http_get, json_body, running_stack  # noqa: E402
 
 FAST_CONNECTIONS = (1, 16, 64, 256)
 SLOW_CONNECTIONS_FULL = (1, 16, 64, 128, 256)
@@ -125,7 +125,7 @@ def run_matrix(stack: Stack, plan: Plan, body_file: Path, log: Any) -> list[RunR
                               helper_pids=stack.helper_pids(), core=stack.pinning.load_core, body_file=body_file)  # fmt: skip
                 if plan.warmup_s > 0:
                     measure(repeat=-1, duration_s=plan.warmup_s, **common)
-                decided = ratelimit_counts(stack, target) if target == "gateway-redis" else None
+                decided = ratelimit_counts(stack, target) if target in REDIS_GATEWAYS else None
                 result = measure(repeat=repeat, duration_s=plan.duration_s, **common)
                 if decided is not None:
                     result = dataclasses.replace(result, fallback_share=fallback_share(decided, ratelimit_counts(stack, target)))

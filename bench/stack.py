@@ -25,8 +25,11 @@ BODY_BYTES = 205
 SLOW_DELAY_MS = 20.0
 FUNCTION_PATH = "/api/account/le12345678/lambdas/bench-fn/invoke"
 UPSTREAMS = ("fast", "slow")
-TARGETS = ("direct", "nginx", "haproxy", "minimal", "gateway", "gateway-redis")
+TARGETS = ("direct", "nginx", "haproxy", "minimal", "gateway", "gateway-redis", "gateway-ids")
 PROXIES = TARGETS[1:]
+REDIS_GATEWAYS = ("gateway-redis", "gateway-ids")
+# wrk sends a unique X-Request-ID with every request to these (real clients send one: dedupe runs)
+REQUEST_ID_TARGETS = ("gateway-ids",)
 
 
 def json_body(size: int, field_name: str) -> bytes:
@@ -243,7 +246,7 @@ def running_stack(work: Path, pinning: Pinning, body: bytes, gateway_log_level: 
 
         env = {**os.environ, "GATEWAY_LOG_LEVEL": gateway_log_level, "PYTHONUNBUFFERED": "1"}
         gateway = str(Path(sys.executable).with_name("gateway"))
-        for name, redis_port in (("gateway", None), ("gateway-redis", redis)):
+        for name, redis_port in (("gateway", None), ("gateway-redis", redis), ("gateway-ids", redis)):
             config = work / f"{name}.yaml"
             config.write_text(gateway_conf(fast, slow, redis_port))
             port = free_port()
