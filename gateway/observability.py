@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from gateway.store import RedisStore
 
 ACCESS_LOGGER = "gateway.access"
+# Set by `gateway serve --workers N` for its workers (prometheus_client's multiprocess mode):
+# each worker writes its counters to files there, and a scrape of any worker sums them all.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BREAKER_STATES = ("closed", "open", "half-open")
 
@@ -64,10 +68,11 @@ class Metrics:
         self.ratelimit = Counter("gateway_ratelimit_decisions_total", "Rate-limit decisions", ["upstream", "decision", "source"], registry=r)
         self.redis_errors = Counter("gateway_redis_errors_total", "Redis operations that failed or were skipped during an outage cool-down", ["operation"], registry=r)
         self.reloads = Counter("gateway_config_reloads_total", "Configuration reloads by result", ["result"], registry=r)
-        self.config_loaded = Gauge("gateway_config_loaded_timestamp_seconds", "When the running configuration was loaded (epoch s)", registry=r)
+        self.config_loaded = Gauge("gateway_config_loaded_timestamp_seconds", "When the running configuration was loaded (epoch s)", registry=r, multiprocess_mode="max")
         self.coalesced = Counter("gateway_dedupe_total", "Requests answered from another request's invocation", ["upstream", "kind"], registry=r)
         self.config_loaded.set_to_current_time()
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._state: list[Collector] = []
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, kept: prometheus validates and takes a lock on every `labels` call."""
@@ -78,7 +83,18 @@ class Metrics:
         return found
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._scraped())
+
+    def _scraped(self) -> CollectorRegistry:
+        """This process's registry, or with workers every worker's series summed plus this one's state."""
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        if not directory:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, directory)
+        for collector in self._state:
+            registry.register(collector)
+        return registry
 
     def record_breaker_transition(self, upstream: str, function: str, old: str, new: str) -> None:
         self.breaker_transitions.labels(upstream, new).inc()
@@ -90,13 +106,15 @@ class Metrics:
 
     def watch_state(self, breakers: "BreakerRegistry", store: "RedisStore | None", on_redis_error: str) -> None:
         """Export breaker and Redis state, read from their owners at each scrape."""
-        self.registry.register(StateCollector(breakers, store, on_redis_error))
+        collector = StateCollector(breakers, store, on_redis_error)
+        self._state.append(collector)
+        self.registry.register(collector)
 
     def counts(self, name: str) -> list[tuple[dict[str, str], float]]:
         """(labels, value) of every sample of the counter `name` (without `_total`)."""
         return [
             (sample.labels, sample.value)
-            for family in self.registry.collect()
+            for family in self._scraped().collect()
             if family.name == name
             for sample in family.samples
             if sample.name == name + "_total"

@@ -6,7 +6,9 @@ import gc
 import http
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import uuid
@@ -18,7 +20,7 @@ from uvicorn.supervisors import Multiprocess
 from gateway.app import Gateway, create_app
 from gateway.envelope import ProblemContext, render_gateway_error
 from gateway.outcomes import ErrorClass, Outcome
-from gateway.observability import configure_logging
+from gateway.observability import MULTIPROCESS_ENV, configure_logging
 from gateway.pipeline import DISCONNECT_EXTENSION
 from gateway.settings import load_settings
 from gateway.yamlsource import ConfigError
@@ -157,10 +159,17 @@ def serve(config_path: Path, host: str, port: int, workers: int, grace_s: float)
 
 
 def run_workers(config: uvicorn.Config) -> None:
-    """What `uvicorn.run` does for workers > 1, with the reloading supervisor."""
+    """What `uvicorn.run` does for workers > 1, with the reloading supervisor.
+
+    The workers share one metrics directory (prometheus_client's multiprocess mode), made
+    fresh here and removed at exit, so `/metrics` on any worker counts every worker's requests.
+    """
     os.environ[SUPERVISOR_ENV] = str(os.getpid())
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ[MULTIPROCESS_ENV] = metrics_dir  # read by prometheus_client when a worker imports it
     socket = config.bind_socket()
     try:
         GatewaySupervisor(config, sockets=[socket]).run()
     finally:
         socket.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli import run_check
 
@@ -77,6 +78,37 @@ async def test_two_workers_enforce_one_limit_per_account_through_redis(tmp_path:
     assert (allowed, refused) == (BURST, len(statuses) - BURST)
     assert sim.count("/shared/") == BURST
     assert SECRET not in log
+
+
+def requests_counted(exposition: str) -> float:
+    """gateway_requests_total summed over every label set of one /metrics answer."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == "gateway_requests_total"
+    )
+
+
+async def test_metrics_on_any_worker_count_every_workers_requests(tmp_path: Path, redis_server: RedisProcess) -> None:
+    state = f"state: {{redis_url: '{redis_server.url}'}}\n"
+    async with simulated("liveperson") as sim:
+        config = write_config(tmp_path, gateway_yaml(sim.url, state))
+        with gateway_process(config, workers=2) as gw:
+            sent: dict[str, int] = {}
+            served_by: set[int] = set()
+            while len(served_by) < 2:
+                assert len(sent) < 200, "one worker answered every request"
+                sent.update(await asyncio.gather(*(send_fresh(gw.url, "/api/account/many/lambdas/ok/invoke") for _ in range(4))))
+                await asyncio.sleep(0.05)  # the access line follows the response
+                pids = access_pids(gw)
+                served_by = {pids[r] for r in sent if r in pids}
+            scrapes = []
+            for _ in range(8):  # fresh connections: the scrapes land on both workers
+                async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+                    scrapes.append(requests_counted((await client.get("/metrics")).text))
+    assert set(sent.values()) == {200}
+    assert scrapes == [float(len(sent))] * len(scrapes)
 
 
 async def test_sigterm_lets_the_request_in_flight_finish_and_stops_accepting(tmp_path: Path) -> None:
