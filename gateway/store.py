@@ -126,8 +126,18 @@ def fail_commands(batch: list[PendingCommand], error: StoreUnavailable) -> None:
             command.answer.set_exception(error)
 
 
-def expire_commands(batch: list[PendingCommand], timeout_s: float) -> None:
-    """The callers' wait is over: they go on without Redis; the batch itself runs on."""
+def expire_commands(batch: list[PendingCommand], timeout_s: float, hops: int = 2) -> None:
+    """The callers' wait is over: they go on without Redis; the batch itself runs on.
+
+    Timers fire before the loop reads its sockets (uvloop runs them first in each turn; asyncio
+    runs them in the same turn as the read, before the reading task resumes). On a loop saturated
+    for longer than the timeout, an answer Redis sent long ago would thus be declared missing.
+    Two hops through the ready queue let one more read and the batch's resumption happen first:
+    the wait is ``timeout_s`` plus two turns of the loop, which on an idle loop is microseconds.
+    """
+    if hops > 0:
+        asyncio.get_running_loop().call_soon(expire_commands, batch, timeout_s, hops - 1)
+        return
     fail_commands(batch, StoreUnavailable(f"redis did not answer within {timeout_s:g} s"))
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 from collections.abc import AsyncIterator
 
 import pytest
+import uvloop
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.store import (
@@ -252,6 +254,30 @@ async def test_a_batch_reloads_the_script_after_noscript(store: RedisStore, redi
     *answers, claimed = await asyncio.gather(*(store.take_token("gw:t:{n}", 1.0, 60.0, 20) for _ in range(5)), store.set_value("gw:v:{n}", b"first", 5.0, only_if_absent=True))
     assert sorted(remaining for _, remaining, _, _ in answers) == [14, 15, 16, 17, 18]
     assert claimed  # only the scripts were sent again: the SET NX in the same batch was not
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_answer_held_up_by_a_stalled_loop_still_reaches_its_caller(redis_server: RedisProcess, loop: str) -> None:
+    """Redis answered at once; the loop read it late. The caller gets Redis's answer, not a fallback."""
+
+    async def scenario() -> tuple[Any, bool]:
+        store = make_store(redis_server.url, timeout_s=0.05)
+        try:
+            await store.take_token("gw:t:{held}", 1.0, 1.0, 5)
+            waiting = asyncio.ensure_future(store.take_token("gw:t:{held}", 1.0, 1.0, 5))
+            for _ in range(3):  # the take joins a batch, the batch task starts, the command is written
+                await asyncio.sleep(0)
+            time.sleep(0.12)  # the loop stalls beyond the 50 ms timeout while Redis answers
+            answer = (await asyncio.gather(waiting, return_exceptions=True))[0]
+            return answer, store.healthy
+        finally:
+            await store.aclose()
+
+    runner = uvloop.run if loop == "uvloop" else asyncio.run
+    answer, healthy = runner(scenario())
+    assert healthy
+    assert not isinstance(answer, BaseException), answer
+    assert answer[:2] == (True, 3)
 
 
 async def test_a_reply_late_only_because_the_loop_stalled_does_not_open_the_breaker(store: RedisStore) -> None:
