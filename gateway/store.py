@@ -53,6 +53,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 try:
     from redis.maint_notifications import MaintNotificationsConfig
@@ -92,6 +93,10 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+
+# A timeout alone does not tell a dead Redis from a slow reader: see RedisStore._run_batch.
+TIMEOUTS: tuple[type[BaseException], ...] = (TimeoutError, RedisTimeoutError)
 
 
 class StoreUnavailable(Exception):
@@ -209,6 +214,7 @@ class RedisStore:
         # Room for a connect and the command.
         self._deadline_s = options.timeout_s * 2
         self._pending: list[PendingCommand] = []
+        self._last_answer_at = float("-inf")  # loop time of the last batch Redis answered
         self._batches: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -264,8 +270,6 @@ class RedisStore:
         task = loop.create_task(self._run_batch(batch))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
-        expiry = loop.call_later(self._options.timeout_s, expire_commands, batch, self._options.timeout_s)
-        task.add_done_callback(lambda _: expiry.cancel())
 
     async def _run_batch(self, batch: list[PendingCommand]) -> None:
         """One batch's round trip under the outage breaker and the batch deadline."""
@@ -273,17 +277,30 @@ class RedisStore:
         if ticket is None:
             fail_commands(batch, StoreUnavailable("redis is cooling down after an outage"))
             return
+        # The callers' wait starts now, when the batch goes out, not when it was queued: a busy
+        # loop that is slow to send it is not a slow Redis either.
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        expiry = loop.call_later(self._options.timeout_s, expire_commands, batch, self._options.timeout_s)
         try:
             async with asyncio.timeout(self._batch_deadline_s):
                 replies = await self._execute(batch)
         except STORE_ERRORS as error:
-            self._breaker.fail()
+            if isinstance(error, TIMEOUTS) and self._answered_since(sent_at):
+                # Other batches got their answers meanwhile: Redis is up and this process's own
+                # loop is slow (overloaded). Its callers go on without Redis; nobody else does.
+                self._breaker.abandon(ticket)
+            else:
+                self._breaker.fail()
             fail_commands(batch, StoreUnavailable(f"redis: {type(error).__name__}: {error}"))
             return
         except BaseException:
             self._breaker.abandon(ticket)
             fail_commands(batch, StoreUnavailable("redis store is closing"))
             raise
+        finally:
+            expiry.cancel()
+        self._last_answer_at = loop.time()
         self._breaker.succeed(ticket)
         for command, reply in zip(batch, replies, strict=True):
             if command.answer.done():
@@ -292,6 +309,9 @@ class RedisStore:
                 command.answer.set_exception(StoreUnavailable(f"redis: {type(reply).__name__}: {reply}"))
             else:
                 command.answer.set_result(reply)
+
+    def _answered_since(self, moment: float) -> bool:
+        return self._last_answer_at > moment
 
     async def _execute(self, batch: list[PendingCommand]) -> list[Any]:
         """Each command's reply (or its own error), loading the script once if Redis lost it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 from collections.abc import AsyncIterator
@@ -278,6 +279,42 @@ def test_an_answer_held_up_by_a_stalled_loop_still_reaches_its_caller(redis_serv
     assert healthy
     assert not isinstance(answer, BaseException), answer
     assert answer[:2] == (True, 3)
+
+
+class LateForOneKey:
+    """Stands in for redis-py's client: answers at once, except for keys named "late", which it
+    holds for `late_s` (what an overloaded gateway's loop does to some of its batches)."""
+
+    def __init__(self, late_s: float | None) -> None:
+        self.late_s = late_s  # None: nothing ever answers (a frozen Redis)
+
+    async def execute_command(self, *args: Any) -> Any:
+        if self.late_s is None:
+            await asyncio.Event().wait()
+        if "late" in args[1]:
+            await asyncio.sleep(self.late_s)
+        return "OK"
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("late_s", "opens"), [(1.0, False), (None, True)], ids=["others-answered", "nothing-answered"])
+async def test_a_batch_past_its_deadline_opens_the_breaker_only_when_redis_answered_nobody(late_s: float | None, opens: bool) -> None:
+    client = LateForOneKey(late_s)
+    store = RedisStore(client, client, clock=time.monotonic, options=StoreOptions(timeout_s=0.05))  # type: ignore[arg-type]
+    try:
+        late = asyncio.ensure_future(store.get_value("late"))
+        await asyncio.sleep(0.01)  # the late batch is out; later batches get their answers
+        until = time.monotonic() + 0.35  # past the late batch's deadline (four timeouts)
+        while time.monotonic() < until:
+            with contextlib.suppress(StoreUnavailable):
+                await store.get_value("prompt")
+            await asyncio.sleep(0.02)
+        assert isinstance(late.exception(), StoreUnavailable)  # its caller went on without Redis
+        assert store.healthy is not opens
+    finally:
+        await store.aclose()
 
 
 async def test_a_reply_late_only_because_the_loop_stalled_does_not_open_the_breaker(store: RedisStore) -> None:
