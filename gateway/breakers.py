@@ -381,12 +381,11 @@ class BreakerRegistry:
         if breaker is None:
             return False
         breaker.reset()
-        for observer in self._observers:
-            observer.breaker_reset(breaker.key)
+        self.announce_reset(breaker.key)
         return True
 
     def announce_reset(self, key: BreakerKey) -> None:
-        """Tell the other replicas to close `key`, which this replica has never seen."""
+        """Tell the other replicas to close `key` (also one this replica has never seen)."""
         for observer in self._observers:
             observer.breaker_reset(key)
 

@@ -21,10 +21,10 @@ so no other module imports ``redis``.
 
 Commands on keys are batched: the token takes (EVALSHA), SETs, GETs and DELs asked for
 during one turn of the event loop go to Redis as one pipeline on one connection, in one round
-trip. A caller waits at most ``timeout_s`` for its answer (then it gets
-:class:`StoreUnavailable` and goes on without Redis); the batch itself runs on to its deadline
-of four timeouts, and only a batch that fails or reaches that deadline opens the outage
-breaker. A reply that is late because the
+trip. A caller waits ``timeout_s`` from when its batch is sent, plus two loop turns (then it
+gets :class:`StoreUnavailable` and goes on without Redis); the batch itself runs on to its
+deadline of four timeouts. The outage breaker opens when a batch fails, or reaches that
+deadline while Redis answered no batch sent after it. A reply that is late because the
 gateway's own event loop is saturated (the reply sits unread while the loop works through
 other requests) thus costs the requests that waited for it, not a cool-down of every request.
 There is no per-read socket timeout (redis-py's costs an asyncio timeout on every read): the
@@ -286,7 +286,7 @@ class RedisStore:
             async with asyncio.timeout(self._batch_deadline_s):
                 replies = await self._execute(batch)
         except STORE_ERRORS as error:
-            if isinstance(error, TIMEOUTS) and self._answered_since(sent_at):
+            if isinstance(error, TIMEOUTS) and self._last_answer_at > sent_at:
                 # Other batches got their answers meanwhile: Redis is up and this process's own
                 # loop is slow (overloaded). Its callers go on without Redis; nobody else does.
                 self._breaker.abandon(ticket)
@@ -309,9 +309,6 @@ class RedisStore:
                 command.answer.set_exception(StoreUnavailable(f"redis: {type(reply).__name__}: {reply}"))
             else:
                 command.answer.set_result(reply)
-
-    def _answered_since(self, moment: float) -> bool:
-        return self._last_answer_at > moment
 
     async def _execute(self, batch: list[PendingCommand]) -> list[Any]:
         """Each command's reply (or its own error), loading the script once if Redis lost it."""

@@ -50,6 +50,20 @@ async def send_fresh(url: str, path: str) -> tuple[str, int]:
     return request_id, response.status_code
 
 
+async def until_both_workers_answered(gw: GatewayProcess, path: str, at_least: int = 0) -> dict[str, int]:
+    """Requests on fresh connections, four at a time, until both workers have served some
+    (and at least `at_least` were sent): request id -> status."""
+    statuses: dict[str, int] = {}
+    served_by: set[int] = set()
+    while len(served_by) < 2 or len(statuses) < at_least:
+        assert len(statuses) < 200, "one worker answered every request"
+        statuses.update(await asyncio.gather(*(send_fresh(gw.url, path) for _ in range(4))))
+        await asyncio.sleep(0.05)  # the access line follows the response
+        pids = access_pids(gw)
+        served_by = {pids[r] for r in statuses if r in pids}
+    return statuses
+
+
 def test_workers_with_state_in_memory_are_refused(tmp_path: Path) -> None:
     config = write_config(tmp_path, gateway_yaml("http://127.0.0.1:9"))
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(free_port()), "--workers", "2"]
@@ -63,15 +77,7 @@ async def test_two_workers_enforce_one_limit_per_account_through_redis(tmp_path:
     async with simulated("liveperson") as sim:
         config = write_config(tmp_path, gateway_yaml(sim.url, state))
         with gateway_process(config, workers=2) as gw:
-            statuses: dict[str, int] = {}
-            served_by: set[int] = set()
-            while len(served_by) < 2 or len(statuses) < BURST + 5:
-                assert len(statuses) < 200, "one worker answered every request"
-                batch = await asyncio.gather(*(send_fresh(gw.url, "/api/account/shared/lambdas/ok/invoke") for _ in range(4)))
-                statuses.update(batch)
-                await asyncio.sleep(0.05)  # the access line follows the response
-                pids = access_pids(gw)
-                served_by = {pids[r] for r in statuses if r in pids}
+            statuses = await until_both_workers_answered(gw, "/api/account/shared/lambdas/ok/invoke", at_least=BURST + 5)
             log = gw.log()
     allowed = sum(1 for status in statuses.values() if status == 200)
     refused = sum(1 for status in statuses.values() if status == 429)
@@ -95,14 +101,7 @@ async def test_metrics_on_any_worker_count_every_workers_requests(tmp_path: Path
     async with simulated("liveperson") as sim:
         config = write_config(tmp_path, gateway_yaml(sim.url, state))
         with gateway_process(config, workers=2) as gw:
-            sent: dict[str, int] = {}
-            served_by: set[int] = set()
-            while len(served_by) < 2:
-                assert len(sent) < 200, "one worker answered every request"
-                sent.update(await asyncio.gather(*(send_fresh(gw.url, "/api/account/many/lambdas/ok/invoke") for _ in range(4))))
-                await asyncio.sleep(0.05)  # the access line follows the response
-                pids = access_pids(gw)
-                served_by = {pids[r] for r in sent if r in pids}
+            sent = await until_both_workers_answered(gw, "/api/account/many/lambdas/ok/invoke")
             scrapes = []
             for _ in range(8):  # fresh connections: the scrapes land on both workers
                 async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
