@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.routing import Route
 
+from gateway.admin import admin_routes, ops_exception_handlers, ops_routes
 from gateway.breakers import BreakerKey, BreakerPolicy, BreakerRegistry, BreakerReplicator
 from gateway.dedupe import DedupeGate, Deduper, build_deduper
 from gateway.observability import AccessLog, CountingStore, Metrics
@@ -145,12 +145,11 @@ class Gateway:
         self._reload_on_sighup = reload_on_sighup
         self._announce_reload = announce_reload
         self._signal_reloads: set[asyncio.Task[None]] = set()
-        self.ops = Starlette(routes=self._ops_routes(), lifespan=self._lifespan)
-
-    def _ops_routes(self) -> list[Route]:
-        from gateway.admin import admin_routes, ops_routes
-
-        return [*ops_routes(self), *admin_routes(self)]
+        self.ops = Starlette(
+            routes=[*ops_routes(self), *admin_routes(self)],
+            exception_handlers=ops_exception_handlers(self),
+            lifespan=self._lifespan,
+        )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] not in OPS_PATHS and not scope["path"].startswith("/admin"):
@@ -263,6 +262,7 @@ async def build_services(settings: Settings, clock: Callable[[], float], wall_cl
         store = RedisStore.from_url(config.state.redis_url, timeout_s=config.state.redis_timeout_s, max_connections=config.state.redis_max_connections, clock=clock)
         counted: Any = CountingStore(store, lambda operation: metrics.redis_errors.labels(operation).inc())
         limiter: Any = RedisRateLimiter(counted, config.state.on_redis_error, clock)
+        await store.prepare()  # first: a cluster's slot map and the script, before any request
         replicator = BreakerReplicator(breakers, counted, replica_id=replica_id)
         replicator.start()
         await replicator.load_opens()  # before the first request: breakers open on other replicas start open here

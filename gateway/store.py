@@ -95,6 +95,8 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+OFF_PATH_DEADLINE_FLOOR_S = 1.0
+
 # A timeout alone does not tell a dead Redis from a slow reader: see RedisStore._run_batch.
 TIMEOUTS: tuple[type[BaseException], ...] = (TimeoutError, RedisTimeoutError)
 
@@ -211,8 +213,10 @@ class RedisStore:
         self._breaker = OutageBreaker(clock, options.cooldown_s)
         # Room for a connect, the command, and a NOSCRIPT reload (two more round trips).
         self._batch_deadline_s = options.timeout_s * 4
-        # Room for a connect and the command.
-        self._deadline_s = options.timeout_s * 2
+        # Off the request path (readiness ping, breaker replication): room for a connect and the
+        # command, and never under a second, so that a stall of this process's own event loop
+        # (start-up, a burst of work) is not taken for a Redis outage.
+        self._deadline_s = max(options.timeout_s * 2, OFF_PATH_DEADLINE_FLOOR_S)
         self._pending: list[PendingCommand] = []
         self._last_answer_at = float("-inf")  # loop time of the last batch Redis answered
         self._batches: set[asyncio.Task[None]] = set()
@@ -333,6 +337,23 @@ class RedisStore:
             for args in commands:
                 pipe.execute_command(*args)
             return list(await pipe.execute(raise_on_error=False))
+
+    async def prepare(self, deadline_s: float = 2.0) -> bool:
+        """Connect, learn a cluster's slot map and load the token script on every primary.
+
+        Called once at start-up, so that the first requests pay none of it: on a cluster that
+        first round takes tens of milliseconds, most of a request's ``timeout_s``. Returns False
+        when Redis does not answer; the store then starts in its outage cool-down, as after any
+        failed call, and requests go on without Redis until a probe succeeds.
+        """
+        try:
+            async with asyncio.timeout(deadline_s):
+                await self._client.script_load(TOKEN_BUCKET_LUA)
+        except STORE_ERRORS as error:
+            log.warning("redis is not answering at start-up: %s: %s", type(error).__name__, error)
+            self._breaker.fail()
+            return False
+        return True
 
     async def ping(self) -> bool:
         """Whether Redis answers now (False during the cool-down, without asking it)."""

@@ -36,15 +36,19 @@ HOSTILE_IDS = ["a{b}c", "}{", "x\r\nSET y 1", "with space", "a" * 1000, "{evil}"
 
 
 def make_limiter(
-    url: str, on_error: str = "local", store_clock: ManualClock | None = None
+    url: str,
+    on_error: str = "local",
+    store_clock: ManualClock | None = None,
+    timeout_s: float = 0.5,  # a loaded test machine must not look like a Redis outage
 ) -> tuple[RedisStore, RedisRateLimiter]:
-    store = RedisStore.from_url(url, clock=store_clock or time.monotonic)
+    store = RedisStore.from_url(url, timeout_s=timeout_s, clock=store_clock or time.monotonic)
     return store, RedisRateLimiter(store, on_error, ManualClock())
 
 
 @pytest.fixture
 async def redis_limiter(redis_server: RedisProcess) -> AsyncIterator[RedisRateLimiter]:
     store, limiter = make_limiter(redis_server.url)
+    assert await store.prepare()
     yield limiter
     await store.aclose()
 
@@ -290,7 +294,7 @@ async def test_redis_killed_under_concurrent_traffic(redis_server: RedisProcess)
 
 
 async def test_frozen_redis_adds_at_most_one_timeout(redis_server: RedisProcess) -> None:
-    store, limiter = make_limiter(redis_server.url, "local", ManualClock())
+    store, limiter = make_limiter(redis_server.url, "local", ManualClock(), timeout_s=0.05)
     key = bucket_key("lp", "frozen")
     try:
         await limiter.take(key, SLOW)
@@ -319,6 +323,7 @@ async def test_cluster_enforces_the_same_limits(redis_cluster) -> None:
     store, limiter = make_limiter(redis_cluster.url)
     memory = MemoryRateLimiter(ManualClock())
     try:
+        assert await store.prepare()  # as the gateway does at start-up: slot map, connections, script
         for account in [f"acct-{n}" for n in range(9)] + ["le-1234"]:
             policy = OVERRIDE if account == "le-1234" else SLOW
             key = bucket_key("lp", account)

@@ -17,12 +17,14 @@ from gateway.store import (
     RedisStore,
     StoreOptions,
     StoreUnavailable,
+    TOKEN_BUCKET_SHA,
     build_client,
     parse_multi_host_url,
 )
 from tests.clocks import ManualClock
 from tests.redis_servers import (  # noqa: F401  (fixtures)
     RedisProcess,
+    free_port,
     redis_cluster,
     redis_sentinel,
     redis_server,
@@ -32,6 +34,7 @@ from tests.redis_servers import (  # noqa: F401  (fixtures)
 )
 
 BOUND_S = 5.0
+LOADED_MACHINE_TIMEOUT_S = 0.5  # where a test is not about timeouts, a busy machine must not fake an outage
 
 
 def make_store(url: str, clock: ManualClock | None = None, **options: float) -> RedisStore:
@@ -46,7 +49,7 @@ def make_store(url: str, clock: ManualClock | None = None, **options: float) -> 
 
 @pytest.fixture
 async def store(redis_server: RedisProcess) -> AsyncIterator[RedisStore]:
-    store = RedisStore.from_url(redis_server.url, clock=time.monotonic)
+    store = RedisStore.from_url(redis_server.url, timeout_s=LOADED_MACHINE_TIMEOUT_S, clock=time.monotonic)
     yield store
     await store.aclose()
 
@@ -201,7 +204,7 @@ async def test_outage_cools_down_without_touching_redis() -> None:
 
 
 async def test_frozen_redis_costs_each_caller_one_timeout_until_the_breaker_opens(redis_server: RedisProcess) -> None:
-    timeout_s = 0.05
+    timeout_s = 0.2  # long enough that a busy test machine's scheduling noise cannot blur the bounds below
     store = make_store(redis_server.url, ManualClock(), timeout_s=timeout_s)
     try:
         await store.take_token("gw:t:{f}", 1.0, 1.0, 5)
@@ -317,19 +320,23 @@ async def test_a_batch_past_its_deadline_opens_the_breaker_only_when_redis_answe
         await store.aclose()
 
 
-async def test_a_reply_late_only_because_the_loop_stalled_does_not_open_the_breaker(store: RedisStore) -> None:
+async def test_a_reply_late_only_because_the_loop_stalled_does_not_open_the_breaker(redis_server: RedisProcess) -> None:
     """The gateway's own saturated loop is not a Redis outage: the callers that waited too long
     decide without Redis, the store stays healthy, the next take uses Redis."""
-    await store.take_token("gw:t:{lag}", 1.0, 1.0, 5)
-    waiting = asyncio.ensure_future(store.take_token("gw:t:{lag}", 1.0, 1.0, 5))
-    await asyncio.sleep(0)  # the take joins a batch
-    await asyncio.sleep(0)  # the batch is sent
-    time.sleep(0.12)  # the loop stalls beyond the 50 ms timeout (Redis itself answered at once)
-    await asyncio.gather(waiting, return_exceptions=True)
-    await asyncio.sleep(0.01)
-    assert store.healthy
-    allowed, remaining, _, _ = await store.take_token("gw:t:{lag}", 1.0, 1.0, 5)
-    assert (allowed, remaining) == (True, 2)  # the stalled take was counted by Redis too
+    store = make_store(redis_server.url, timeout_s=0.05)
+    try:
+        await store.take_token("gw:t:{lag}", 1.0, 1.0, 5)
+        waiting = asyncio.ensure_future(store.take_token("gw:t:{lag}", 1.0, 1.0, 5))
+        await asyncio.sleep(0)  # the take joins a batch
+        await asyncio.sleep(0)  # the batch is sent
+        time.sleep(0.12)  # the loop stalls beyond the 50 ms timeout (Redis itself answered at once)
+        await asyncio.gather(waiting, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        assert store.healthy
+        allowed, remaining, _, _ = await store.take_token("gw:t:{lag}", 1.0, 1.0, 5)
+        assert (allowed, remaining) == (True, 2)  # the stalled take was counted by Redis too
+    finally:
+        await store.aclose()
 
 
 async def test_subscription_survives_a_redis_restart(redis_server: RedisProcess) -> None:
@@ -366,7 +373,7 @@ async def publish_until_received(
 async def test_unix_socket_url(tmp_path: pytest.TempPathFactory) -> None:
     socket_path = tmp_path / "redis.sock"
     server = start_redis(extra_args=("--unixsocket", str(socket_path), "--unixsocketperm", "700"))
-    store = RedisStore.from_url(f"unix://{socket_path}", clock=time.monotonic)
+    store = RedisStore.from_url(f"unix://{socket_path}", timeout_s=LOADED_MACHINE_TIMEOUT_S, clock=time.monotonic)
     try:
         assert await store.take_token("gw:t:{u}", 1.0, 1.0, 2) == (True, 1, 0.0, 1.0)
     finally:
@@ -376,7 +383,7 @@ async def test_unix_socket_url(tmp_path: pytest.TempPathFactory) -> None:
 
 
 async def test_sentinel_url_reaches_the_master(redis_sentinel) -> None:
-    store = RedisStore.from_url(redis_sentinel.url, clock=time.monotonic)
+    store = RedisStore.from_url(redis_sentinel.url, timeout_s=LOADED_MACHINE_TIMEOUT_S, clock=time.monotonic)
     try:
         assert await store.take_token("gw:t:{s}", 1.0, 1.0, 2) == (True, 1, 0.0, 1.0)
         assert await store.set_value("gw:v:{s}", b"v", 5.0)
@@ -386,8 +393,33 @@ async def test_sentinel_url_reaches_the_master(redis_sentinel) -> None:
         await store.aclose()
 
 
+async def test_prepare_loads_the_script_on_every_cluster_primary(redis_cluster) -> None:
+    for node in redis_cluster.nodes:
+        assert send_command(node.port, "SCRIPT", "FLUSH") == b"+OK\r\n"
+    store = RedisStore.from_url(redis_cluster.url, timeout_s=LOADED_MACHINE_TIMEOUT_S, clock=time.monotonic)
+    try:
+        assert await store.prepare()
+        for node in redis_cluster.nodes:
+            assert send_command(node.port, "SCRIPT", "EXISTS", TOKEN_BUCKET_SHA) == b"*1\r\n:1\r\n"
+        assert store.healthy
+    finally:
+        await store.aclose()
+
+
+async def test_prepare_against_no_redis_starts_in_the_cool_down() -> None:
+    clock = ManualClock()
+    store = make_store(f"redis://127.0.0.1:{free_port()}", clock, cooldown_s=1.0)
+    try:
+        assert not await store.prepare()
+        assert not store.healthy
+        with pytest.raises(StoreUnavailable, match="cooling down"):
+            await store.take_token("gw:t:{down}", 1.0, 1.0, 2)
+    finally:
+        await store.aclose()
+
+
 async def test_cluster_runs_the_script_on_every_slot(redis_cluster) -> None:
-    store = RedisStore.from_url(redis_cluster.url, clock=time.monotonic)
+    store = RedisStore.from_url(redis_cluster.url, timeout_s=LOADED_MACHINE_TIMEOUT_S, clock=time.monotonic)
     keys = [f"gw:t:{{acct-{n}}}" for n in range(12)]
     try:
         for key in keys:
@@ -410,7 +442,7 @@ async def test_cluster_runs_the_script_on_every_slot(redis_cluster) -> None:
 
 
 async def test_cluster_pubsub(redis_cluster) -> None:
-    store = RedisStore.from_url(redis_cluster.url, clock=time.monotonic)
+    store = RedisStore.from_url(redis_cluster.url, timeout_s=LOADED_MACHINE_TIMEOUT_S, clock=time.monotonic)
     messages = store.subscribe("gw:chan")
     try:
         assert await publish_until_received(store, messages, b"hello") == b"hello"
