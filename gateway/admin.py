@@ -13,22 +13,29 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from gateway.breakers import key_for
+from gateway.envelope import PROBLEM_JSON, ProblemContext, render_gateway_error
+from gateway.outcomes import ErrorClass, Outcome
+from gateway.pipeline import request_id_of
 from gateway.status_page import collect_stats, login_page, static_asset, status_page
 from gateway.yamlsource import ConfigError
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
 
 SECRET_WORDS = ("token", "secret", "password", "passwd", "key", "credential", "auth")
 NOT_SECRET_KEYS = frozenset({"auth", "account_header", "token_env"})
@@ -76,22 +83,58 @@ def has_session(request: Request, token: str) -> bool:
     return hmac.compare_digest(offered.encode(), session_value(token).encode())
 
 
-def refused() -> Response:
-    return json_response({"detail": "missing or wrong bearer token"}, 401, {"WWW-Authenticate": 'Bearer realm="gateway-admin"'})
+def problem_response(gateway: "Gateway", request: Request, outcome: Outcome, headers: dict[str, str] | None = None) -> Response:
+    """The same problem object as the proxy's own errors, for the operational and admin paths."""
+    request_id = request_id_of(request.scope)
+    context = ProblemContext(None, 0, request_id, gateway.settings.config.server.error_type_base)
+    rendered = render_gateway_error(None, outcome, context)
+    response = Response(rendered.body, status_code=rendered.status, headers=headers, media_type=PROBLEM_JSON.decode())
+    response.headers["X-Request-ID"] = request_id
+    return response
 
 
-def not_found() -> Response:
-    return json_response({"detail": "not found"}, 404)
+def refused(gateway: "Gateway", request: Request) -> Response:
+    outcome = Outcome(ErrorClass.AUTH_ERROR, 401, "gateway.unauthorized", "missing or wrong bearer token", made_by_gateway=True)
+    return problem_response(gateway, request, outcome, {"WWW-Authenticate": 'Bearer realm="gateway-admin"'})
+
+
+def not_found(gateway: "Gateway", request: Request) -> Response:
+    outcome = Outcome(ErrorClass.NOT_FOUND, 404, "gateway.no_route", "no route matches this path", made_by_gateway=True)
+    return problem_response(gateway, request, outcome)
+
+
+def ops_exception_handlers(gateway: "Gateway") -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
+    """Starlette's own refusals (405) and faults (500) as problem objects, not plain text."""
+
+    async def http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException)
+        if error.status_code == 405:
+            outcome = Outcome(ErrorClass.CLIENT_ERROR, 405, "gateway.method_not_allowed", f"{request.method} is not allowed here", made_by_gateway=True)
+        elif error.status_code == 404:
+            outcome = Outcome(ErrorClass.NOT_FOUND, 404, "gateway.no_route", "no route matches this path", made_by_gateway=True)
+        else:
+            outcome = Outcome(ErrorClass.CLIENT_ERROR, error.status_code, "gateway.bad_request", str(error.detail), made_by_gateway=True)
+        headers = dict(error.headers or {})
+        if "Allow" in headers:  # Starlette joins a set: make the order stable
+            headers["Allow"] = ", ".join(sorted(method.strip() for method in headers["Allow"].split(",")))
+        return problem_response(gateway, request, outcome, headers)
+
+    async def fault(request: Request, error: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+        outcome = Outcome(ErrorClass.GATEWAY_ERROR, 500, "gateway.internal", "the gateway failed to answer this request", made_by_gateway=True)
+        return problem_response(gateway, request, outcome)
+
+    return {HTTPException: http_error, Exception: fault}
 
 
 def authorize(gateway: "Gateway", request: Request, *, cookie_ok: bool = False) -> Response | None:
     """None when the request may proceed; else 404 (no token configured) or 401."""
     token = admin_token(gateway)
     if token is None:
-        return not_found()
+        return not_found(gateway, request)
     if has_bearer(request, token) or (cookie_ok and has_session(request, token)):
         return None
-    return refused()
+    return refused(gateway, request)
 
 
 def admin_routes(gateway: "Gateway") -> list[Route]:
@@ -104,7 +147,7 @@ def admin_routes(gateway: "Gateway") -> list[Route]:
 
     def exists(handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
-            return not_found() if admin_token(gateway) is None else await handler(request)
+            return not_found(gateway, request) if admin_token(gateway) is None else await handler(request)
 
         return endpoint
 
@@ -151,10 +194,13 @@ def admin_routes(gateway: "Gateway") -> list[Route]:
     async def static(request: Request) -> Response:
         return static_asset(request.path_params["name"])
 
-    async def unknown(_: Request) -> Response:
-        return not_found()
+    async def unknown(request: Request) -> Response:
+        allowed = sorted({method for route in known for method in route.methods or () if route.matches(request.scope)[0] is Match.PARTIAL})
+        if allowed:
+            raise HTTPException(405, headers={"Allow": ", ".join(allowed)})
+        return not_found(gateway, request)
 
-    return [
+    known = [
         Route("/admin/breakers", guarded(breakers), methods=["GET"]),
         Route("/admin/breakers/{upstream}/{function:path}/reset", guarded(reset_breaker), methods=["POST"]),
         Route("/admin/reload", guarded(reload), methods=["POST"]),
@@ -163,8 +209,8 @@ def admin_routes(gateway: "Gateway") -> list[Route]:
         Route("/admin/status", exists(status), methods=["GET"]),
         Route("/admin/login", exists(login), methods=["POST"]),
         Route("/admin/static/{name}", exists(static), methods=["GET"]),
-        Route("/admin/{rest:path}", guarded(unknown)),
     ]
+    return [*known, Route("/admin/{rest:path}", guarded(unknown))]
 
 
 async def log_in(gateway: "Gateway", request: Request) -> Response:

@@ -8,6 +8,7 @@ import pytest
 
 from gateway.admin import SESSION_COOKIE, mask_secrets, mask_url, session_value
 from tests.harness import ADMIN_ENDPOINTS, running_gateway, simulated, upstream_config, write_config
+from tests.problem_schema import problem_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,8 +32,10 @@ async def test_every_admin_path_is_404_while_the_token_is_unset(tmp_path: Path, 
     async with simulated("liveperson") as sim:
         async with running_gateway(write_config(tmp_path, gateway_yaml(sim.url))) as gw, gw.client() as client:
             for method, path in [*ADMIN_ENDPOINTS, ("GET", "/admin/status"), ("POST", "/admin/login"), ("GET", "/admin/static/status.js")]:
-                response = await client.request(method, path, headers={"authorization": f"Bearer {TOKEN}"})
+                response = await client.request(method, path, headers={"authorization": f"Bearer {TOKEN}", "x-request-id": "req-404"})
                 assert response.status_code == 404, (method, path)
+                problem = problem_of(response.headers["content-type"], response.content)
+                assert (problem["code"], problem["class"], problem["request_id"]) == ("gateway.no_route", "not_found", "req-404")
             assert (await client.get("/healthz")).status_code == 200
 
 
@@ -48,6 +51,8 @@ async def test_missing_or_wrong_token_is_401(tmp_path: Path, token: str, authori
                 response = await client.request(method, path, headers=headers)
                 assert response.status_code == 401, (method, path)
                 assert response.headers["www-authenticate"].startswith("Bearer")
+                problem = problem_of(response.headers["content-type"], response.content)
+                assert (problem["code"], problem["class"], problem["status"]) == ("gateway.unauthorized", "auth_error", 401)
     assert sim.calls == []
 
 
@@ -69,6 +74,35 @@ async def test_breakers_list_and_reset_with_the_right_token(tmp_path: Path, toke
             unknown = await client.post("/admin/breakers/lp/never-used/reset", headers=auth)
             assert unknown.status_code == 404 and unknown.json() == {"reset": False}
             assert (await client.get("/admin/nothing-here", headers=auth)).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/readyz", "GET, HEAD"),
+        ("DELETE", "/healthz", "GET, HEAD"),
+        ("PUT", "/metrics", "GET, HEAD"),
+        ("GET", "/admin/reload", "POST"),
+        ("DELETE", "/admin/breakers", "GET, HEAD"),
+        ("GET", "/admin/breakers/lp/down/reset", "POST"),
+    ],
+)
+async def test_a_wrong_method_on_a_known_path_is_405_with_allow(tmp_path: Path, token: str, method: str, path: str, allowed: str) -> None:
+    async with simulated("liveperson") as sim:
+        async with running_gateway(write_config(tmp_path, gateway_yaml(sim.url))) as gw, gw.client() as client:
+            response = await client.request(method, path, headers={"authorization": f"Bearer {token}"})
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+    problem = problem_of(response.headers["content-type"], response.content)
+    assert (problem["code"], problem["class"], problem["status"]) == ("gateway.method_not_allowed", "client_error", 405)
+    assert method in problem["detail"]
+
+
+async def test_a_wrong_method_on_an_admin_path_reveals_nothing_without_the_token(tmp_path: Path, token: str) -> None:
+    async with simulated("liveperson") as sim:
+        async with running_gateway(write_config(tmp_path, gateway_yaml(sim.url))) as gw, gw.client() as client:
+            response = await client.get("/admin/reload")
+    assert response.status_code == 401 and "allow" not in response.headers
 
 
 async def test_config_is_served_with_secrets_masked(tmp_path: Path, token: str) -> None:
