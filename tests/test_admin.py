@@ -105,6 +105,22 @@ async def test_a_wrong_method_on_an_admin_path_reveals_nothing_without_the_token
     assert response.status_code == 401 and "allow" not in response.headers
 
 
+async def test_a_fault_on_an_ops_path_is_a_500_problem_without_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with simulated("liveperson") as sim:
+        async with running_gateway(write_config(tmp_path, gateway_yaml(sim.url))) as gw, gw.client() as client:
+
+            async def broken_ready() -> tuple[bool, dict]:
+                raise RuntimeError("secret internals")
+
+            monkeypatch.setattr(gw.app, "ready", broken_ready)
+            response = await client.get("/readyz")
+            assert (await client.get("/healthz")).status_code == 200  # the gateway goes on
+    assert response.status_code == 500
+    problem = problem_of(response.headers["content-type"], response.content)
+    assert (problem["code"], problem["class"]) == ("gateway.internal", "gateway_error")
+    assert b"secret internals" not in response.content and b"Traceback" not in response.content
+
+
 async def test_config_is_served_with_secrets_masked(tmp_path: Path, token: str) -> None:
     extra = "state: {redis_url: 'redis://gw-user:Pa55-w0rd@127.0.0.1:1/0', redis_timeout_s: 0.01}\nadmin: {token_env: GATEWAY_ADMIN_TOKEN}\n"
     async with simulated("liveperson") as sim:
