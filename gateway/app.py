@@ -26,7 +26,9 @@ from gateway.admin import admin_routes, ops_exception_handlers, ops_routes
 from gateway.breakers import BreakerKey, BreakerPolicy, BreakerRegistry, BreakerReplicator
 from gateway.dedupe import DedupeGate, Deduper, build_deduper
 from gateway.observability import AccessLog, CountingStore, Metrics
-from gateway.pipeline import Pipeline, UpstreamPlan
+from gateway.envelope import ProblemContext, render_gateway_error
+from gateway.outcomes import ErrorClass, Outcome
+from gateway.pipeline import Pipeline, UpstreamPlan, request_id_of
 from gateway.ratelimit import BucketPolicy, MemoryRateLimiter, RedisRateLimiter
 from gateway.retry import RetryBudget
 from gateway.settings import Settings, load_settings
@@ -162,7 +164,22 @@ class Gateway:
             else:
                 await tracing.traced(runtime.pipeline, scope, receive, send)
             return
+        if scope["type"] == "websocket":
+            await self._refuse_websocket(scope, send)
+            return
         await self.ops(scope, receive, send)
+
+    async def _refuse_websocket(self, scope: dict[str, Any], send: Any) -> None:
+        """WebSocket upgrades are not proxied: say so with a problem object, not a bare 403."""
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})  # the server answers 403 itself
+            return
+        outcome = Outcome(ErrorClass.CLIENT_ERROR, 400, "gateway.bad_request", "WebSocket upgrades are not proxied by this gateway", made_by_gateway=True)
+        request_id = request_id_of(scope)
+        rendered = render_gateway_error(None, outcome, ProblemContext(None, 0, request_id, self.settings.config.server.error_type_base))
+        headers = [*rendered.headers, (b"x-request-id", request_id.encode())]
+        await send({"type": "websocket.http.response.start", "status": rendered.status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": rendered.body})
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:

@@ -129,6 +129,21 @@ async def test_absolute_form_target_and_host_header_cannot_redirect_the_upstream
         assert upstream.calls[-1].headers["Host"] == f"127.0.0.1:{upstream.port}"
 
 
+@pytest.mark.parametrize("path", ["/api/account/a/lambdas/ok/invoke", "/healthz", "/nowhere"])
+async def test_a_websocket_upgrade_gets_a_problem_not_a_bare_403(tmp_path: Path, path: str) -> None:
+    async with gateway_with(tmp_path) as (gateway, upstream):
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Request-ID: ws-1\r\n\r\n"
+        ).encode()
+        response = await raw_exchange(gateway.url, request, read_timeout_s=2.0)
+        assert status_of(response) == 400, response[:300]
+        problem = assert_problem(orjson.loads(body_of(response)))
+        assert (problem["code"], problem["request_id"]) == ("gateway.bad_request", "ws-1")
+        assert "WebSocket" in problem["detail"]
+        assert upstream.calls == []
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [
