@@ -43,6 +43,23 @@ log = logging.getLogger("gateway.app")
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """What one client connection may cost before its request reaches the app (see server.py)."""
+
+    max_head_bytes: int = 2 * 32 * 1024  # the raw request line and headers
+    head_timeout_s: float = 10.0  # from a request's first byte to the end of its headers
+    body_timeout_s: float = 30.0  # between two pieces of a request body
+    error_type_base: str = "urn:gateway:error:"
+
+
+def connection_settings(settings: Settings) -> ConnectionSettings:
+    server = settings.config.server
+    # The raw head holds the request line too; the headers alone are held to max_header_bytes
+    # (431) by the pipeline, which sees them parsed.
+    return ConnectionSettings(2 * server.max_header_bytes, server.client_header_timeout_s, server.client_body_timeout_s, server.error_type_base)
+
+
 @dataclass(slots=True)
 class Services:
     """The parts that outlive a configuration: built once in the lifespan, closed there."""
@@ -147,6 +164,7 @@ class Gateway:
         self._reload_on_sighup = reload_on_sighup
         self._announce_reload = announce_reload
         self._signal_reloads: set[asyncio.Task[None]] = set()
+        self._connection_settings = connection_settings(settings)
         self.ops = Starlette(
             routes=[*ops_routes(self), *admin_routes(self)],
             exception_handlers=ops_exception_handlers(self),
@@ -218,6 +236,11 @@ class Gateway:
         assert self.services is not None
         self.runtime = Runtime(settings, self.services)
         self.settings = settings
+        self._connection_settings = connection_settings(settings)
+
+    def connection_settings(self) -> ConnectionSettings:
+        """Read by the server protocol for each new connection, so a reload applies to new ones."""
+        return self._connection_settings
 
     async def reload_from(self, path: Path) -> Settings:
         """Load, validate and swap; raises ConfigError and keeps the running configuration."""

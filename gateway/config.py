@@ -26,6 +26,8 @@ class ServerConfig(Frozen):
     max_header_bytes: int = Field(32 * 1024, ge=1024)
     error_type_base: str = "urn:gateway:error:"
     shutdown_grace_s: float = Field(10.0, ge=0)
+    client_header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    client_body_timeout_s: float = Field(30.0, gt=0, le=3600)
 
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
