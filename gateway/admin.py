@@ -27,7 +27,7 @@ from starlette.routing import Match, Route
 
 from gateway.breakers import key_for
 from gateway.envelope import PROBLEM_JSON, ProblemContext, render_gateway_error
-from gateway.outcomes import ErrorClass, Outcome
+from gateway.outcomes import NO_ROUTE, ErrorClass, Outcome
 from gateway.pipeline import request_id_of
 from gateway.status_page import collect_stats, login_page, static_asset, status_page
 from gateway.yamlsource import ConfigError
@@ -99,8 +99,7 @@ def refused(gateway: "Gateway", request: Request) -> Response:
 
 
 def not_found(gateway: "Gateway", request: Request) -> Response:
-    outcome = Outcome(ErrorClass.NOT_FOUND, 404, "gateway.no_route", "no route matches this path", made_by_gateway=True)
-    return problem_response(gateway, request, outcome)
+    return problem_response(gateway, request, NO_ROUTE)
 
 
 def ops_exception_handlers(gateway: "Gateway") -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
@@ -111,7 +110,7 @@ def ops_exception_handlers(gateway: "Gateway") -> dict[Any, Callable[[Request, E
         if error.status_code == 405:
             outcome = Outcome(ErrorClass.CLIENT_ERROR, 405, "gateway.method_not_allowed", f"{request.method} is not allowed here", made_by_gateway=True)
         elif error.status_code == 404:
-            outcome = Outcome(ErrorClass.NOT_FOUND, 404, "gateway.no_route", "no route matches this path", made_by_gateway=True)
+            outcome = NO_ROUTE
         else:
             outcome = Outcome(ErrorClass.CLIENT_ERROR, error.status_code, "gateway.bad_request", str(error.detail), made_by_gateway=True)
         headers = dict(error.headers or {})

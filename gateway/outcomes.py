@@ -74,3 +74,6 @@ class Outcome:
 
 def traits_of(error_class: ErrorClass) -> ClassTraits:
     return CLASS_TRAITS[error_class]
+
+
+NO_ROUTE = Outcome(ErrorClass.NOT_FOUND, 404, "gateway.no_route", "no route matches this path", made_by_gateway=True)

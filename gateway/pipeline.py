@@ -39,7 +39,7 @@ from gateway.classify import (
 from gateway.config import RetryPolicyConfig, UpstreamConfig
 from gateway.envelope import ProblemContext, Rendered, render_gateway_error, render_upstream_error, retry_after_header
 from gateway.observability import AccessLog, AccessRecord, Metrics
-from gateway.outcomes import ErrorClass, Outcome, traits_of
+from gateway.outcomes import NO_ROUTE, ErrorClass, Outcome, traits_of
 from gateway.ratelimit import BucketPolicy, Decision, bucket_key, limit_header, policy_header, quote_sf_string, validate_account_id
 from gateway.retry import RetryBudget, decide_retry
 from gateway.routing import RefusedCapture, RouteMatch, capture_problem
@@ -170,7 +170,7 @@ class Pipeline:
             return await self._respond_gateway(exchange, None, outcome)
         found = self.rt.router.match(_raw_path(exchange.scope))
         if found is None:
-            return await self._respond_gateway(exchange, None, Outcome(ErrorClass.NOT_FOUND, 404, "gateway.no_route", "no route matches this path", made_by_gateway=True))
+            return await self._respond_gateway(exchange, None, NO_ROUTE)
         plan = self.rt.plans[found.route.upstream]
         exchange.plan = plan
         if isinstance(found, RefusedCapture):
