@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from gateway.admin import admin_routes, ops_exception_handlers, ops_routes
 from gateway.breakers import BreakerKey, BreakerPolicy, BreakerRegistry, BreakerReplicator
 from gateway.dedupe import DedupeGate, Deduper, build_deduper
-from gateway.observability import AccessLog, CountingStore, Metrics
+from gateway.observability import AccessLog, AccessRecord, CountingStore, Metrics
 from gateway.envelope import ProblemContext, render_gateway_error
 from gateway.outcomes import ErrorClass, Outcome
 from gateway.pipeline import Pipeline, UpstreamPlan, request_id_of
@@ -51,13 +51,15 @@ class ConnectionSettings:
     head_timeout_s: float = 10.0  # from a request's first byte to the end of its headers
     body_timeout_s: float = 30.0  # between two pieces of a request body
     error_type_base: str = "urn:gateway:error:"
+    # Told of each request the protocol answered itself: (outcome, request id, method, seconds).
+    on_refusal: Callable[[Outcome, str, str, float], None] | None = None
 
 
-def connection_settings(settings: Settings) -> ConnectionSettings:
+def connection_settings(settings: Settings, on_refusal: Callable[[Outcome, str, str, float], None]) -> ConnectionSettings:
     server = settings.config.server
     # The raw head holds the request line too; the headers alone are held to max_header_bytes
     # (431) by the pipeline, which sees them parsed.
-    return ConnectionSettings(2 * server.max_header_bytes, server.client_header_timeout_s, server.client_body_timeout_s, server.error_type_base)
+    return ConnectionSettings(2 * server.max_header_bytes, server.client_header_timeout_s, server.client_body_timeout_s, server.error_type_base, on_refusal)
 
 
 @dataclass(slots=True)
@@ -164,7 +166,7 @@ class Gateway:
         self._reload_on_sighup = reload_on_sighup
         self._announce_reload = announce_reload
         self._signal_reloads: set[asyncio.Task[None]] = set()
-        self._connection_settings = connection_settings(settings)
+        self._connection_settings = connection_settings(settings, self._record_refusal)
         self.ops = Starlette(
             routes=[*ops_routes(self), *admin_routes(self)],
             exception_handlers=ops_exception_handlers(self),
@@ -236,11 +238,23 @@ class Gateway:
         assert self.services is not None
         self.runtime = Runtime(settings, self.services)
         self.settings = settings
-        self._connection_settings = connection_settings(settings)
+        self._connection_settings = connection_settings(settings, self._record_refusal)
 
     def connection_settings(self) -> ConnectionSettings:
         """Read by the server protocol for each new connection, so a reload applies to new ones."""
         return self._connection_settings
+
+    def _record_refusal(self, outcome: Outcome, request_id: str, method: str, duration_s: float) -> None:
+        """Count and log a request the server protocol answered itself, as the pipeline does its own."""
+        services = self.services
+        if services is None:
+            return
+        error_class = outcome.error_class.value if outcome.error_class else None
+        metrics = services.metrics
+        metrics.child(metrics.requests, "-", error_class or "success", str(outcome.status)).inc()
+        metrics.child(metrics.request_latency, "-").observe(duration_s)
+        record = AccessRecord(request_id, method, None, None, None, None, outcome.status, error_class, 0, duration_s)
+        services.access_log.write(record)
 
     async def reload_from(self, path: Path) -> Settings:
         """Load, validate and swap; raises ConfigError and keeps the running configuration."""

@@ -53,6 +53,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 ATTEMPT_HEADER = "X-Gateway-Attempt"
 DISCONNECT_EXTENSION = "gateway.disconnect"  # scope["extensions"] key: a future resolved when the client goes
+# scope["extensions"] key: (outcome, request id) when the server protocol answered the client
+# itself mid-request (a stalled or malformed body) and closed the connection.
+ANSWERED_EXTENSION = "gateway.answered"
 INTERNAL_FAULT = Outcome(ErrorClass.GATEWAY_ERROR, 500, "gateway.internal", "the gateway failed to handle this request", made_by_gateway=True)
 SHUTDOWN_CUT = Outcome(ErrorClass.GATEWAY_ERROR, 503, "gateway.shutting_down", "the gateway shut down before this request finished (server.shutdown_grace_s passed)", made_by_gateway=True)
 STREAM_WATCH_BYTES = 64 * 1024
@@ -152,7 +155,12 @@ class Pipeline:
         try:
             await self._handle(exchange)
         except ClientDisconnected:
-            exchange.status = exchange.status or 499
+            answered = scope.get("extensions", {}).get(ANSWERED_EXTENSION)
+            if answered is not None:
+                outcome, exchange.request_id = answered
+                exchange.status, exchange.error_class = outcome.status, outcome.error_class
+            else:
+                exchange.status = exchange.status or 499
         except Exception:  # a bug in the gateway must still answer, and never as an upstream fault
             log.exception("unhandled error in request %s", exchange.request_id)
             await self._answer_gateway_fault(exchange)

@@ -24,7 +24,7 @@ from gateway.app import ConnectionSettings, Gateway, create_app
 from gateway.envelope import ProblemContext, render_gateway_error
 from gateway.outcomes import ErrorClass, Outcome
 from gateway.observability import MULTIPROCESS_ENV, configure_logging
-from gateway.pipeline import DISCONNECT_EXTENSION
+from gateway.pipeline import ANSWERED_EXTENSION, DISCONNECT_EXTENSION, request_id_of
 from gateway.settings import load_settings
 from gateway.yamlsource import ConfigError
 
@@ -82,13 +82,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._settings = connection_settings_of(self.app)
         self._phase = FRESH
         self._phase_since = 0.0
+        self._request_started = 0.0
         self._head_bytes = 0
         self._read_timer: asyncio.TimerHandle | None = None
         self._lingering = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._phase_since = self.loop.time()
+        self._phase_since = self._request_started = self.loop.time()
         self._watch_reads()
 
     def data_received(self, data: bytes) -> None:
@@ -106,6 +107,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._phase, self._phase_since, self._head_bytes = HEAD, self.loop.time(), 0
+        self._request_started = self._phase_since
         self._watch_reads()
 
     def on_headers_complete(self) -> None:
@@ -164,34 +166,42 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._time_out_body(limit)
 
     def _time_out_body(self, limit: float) -> None:
-        cycle = self.cycle
-        if cycle is None or cycle.response_started:
-            self.transport.close()
-            return
-        # The app is waiting on receive(): it learns the client is gone (and forwards nothing);
-        # the client learns why.
-        outcome = Outcome(ErrorClass.CLIENT_ERROR, 408, "gateway.request_timeout", f"request body stalled for {limit:g} s", made_by_gateway=True)
-        self._answer_and_close(outcome)
-        cycle.disconnected = True
-        cycle.message_event.set()
-        gone = cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
-        if gone is not None and not gone.done():
-            gone.set_result(None)
+        detail = f"request body stalled for {limit:g} s"
+        self._answer_and_close(Outcome(ErrorClass.CLIENT_ERROR, 408, "gateway.request_timeout", detail, made_by_gateway=True))
 
     def _answer_and_close(self, outcome: Outcome, *, linger: bool = False) -> None:
-        """A problem object written straight to the socket (no request cycle to answer through).
+        """A problem object written straight to the socket, then the connection closed.
+
+        Mid-body, the app already has the request: it is told it was answered (under
+        ``ANSWERED_EXTENSION``, with the request id used) and that the client is gone, so it
+        forwards nothing and counts the request itself, with its route and account. Before the
+        headers are complete there is no request for the app: ``on_refusal`` counts it.
 
         With ``linger``, for a client that is still sending: closing with its bytes unread would
         make the kernel reset the connection, and a reset can destroy the answer before the
         client reads it. So the answer is followed by a FIN, what still arrives is read and
         dropped, and the socket closes after ``LINGER_S`` (nginx's lingering close).
         """
-        request_id = uuid.uuid4().hex
+        cycle = self.cycle if self._phase is BODY else None
+        if cycle is not None and cycle.response_started:
+            self.transport.close()  # the app is answering already: nothing can be added
+            return
+        request_id = request_id_of(cycle.scope) if cycle is not None else uuid.uuid4().hex
         rendered = render_gateway_error(None, outcome, ProblemContext(None, 0, request_id, self._settings.error_type_base))
         head = [STATUS_LINE[rendered.status]]
         head += [name + b": " + value + b"\r\n" for name, value in rendered.headers]
         head += [b"content-length: %d\r\n" % len(rendered.body), b"x-request-id: " + request_id.encode() + b"\r\n", b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + rendered.body)
+        if cycle is not None:
+            extensions = cycle.scope.setdefault("extensions", {})
+            extensions[ANSWERED_EXTENSION] = (outcome, request_id)
+            cycle.disconnected = True
+            cycle.message_event.set()
+            gone = extensions.get(DISCONNECT_EXTENSION)
+            if gone is not None and not gone.done():
+                gone.set_result(None)
+        elif self._settings.on_refusal is not None:
+            self._settings.on_refusal(outcome, request_id, "-", self.loop.time() - self._request_started)
         if linger and self.transport.can_write_eof():
             self._lingering = True
             self.transport.write_eof()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.simulators import SimulatedUpstream
 from tests.harness import RunningGateway, running_gateway, simulated, upstream_config, write_config
@@ -120,7 +122,7 @@ async def test_a_head_that_trickles_in_gets_408(tmp_path: Path) -> None:
 async def test_a_stalled_body_gets_408_and_nothing_is_forwarded(tmp_path: Path) -> None:
     async with gateway(tmp_path) as (gw, upstream):
         reader, writer = await connect(gw)
-        writer.write(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"partial\":".encode())
+        writer.write(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: stalled-1\r\nContent-Length: 100\r\n\r\n{{\"partial\":".encode())
         await writer.drain()
         response = await read_all(reader)
         writer.close()
@@ -128,6 +130,7 @@ async def test_a_stalled_body_gets_408_and_nothing_is_forwarded(tmp_path: Path) 
             assert (await client.post(PATH, json={})).status_code == 200
     problem = problem_in(response, 408)
     assert problem["code"] == "gateway.request_timeout" and "body" in problem["detail"]
+    assert problem["request_id"] == "stalled-1"  # the caller's id, as the pipeline would have used
     assert len(upstream.calls) == 1  # only the request after it
 
 
@@ -186,3 +189,33 @@ async def test_the_limits_follow_a_reload(tmp_path: Path) -> None:
         with pytest.raises(asyncio.TimeoutError):  # still waiting for the head well past the old limit
             await asyncio.wait_for(reader.read(1), TIMEOUT_S * 4)
         writer.close()
+
+
+async def test_what_the_protocol_answers_itself_is_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async with gateway(tmp_path) as (gw, _):
+        for request in [
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000,  # 431 while the head is still arriving
+            b"POST /x HTTP/1.1\r\nHost: x\r\n",  # 408: the head never ends
+            f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{{".encode(),  # 408: the body stalls
+            b"BREW /pot HTCPCP/1.0\r\n\r\n",  # 400: not HTTP
+        ]:
+            reader, writer = await connect(gw)
+            writer.write(request)
+            await writer.drain()
+            await read_all(reader)
+            writer.close()
+        async with gw.client() as client:
+            metrics = (await client.get("/metrics")).text
+    counted = {
+        (sample.labels["upstream"], sample.labels["status"], sample.value)
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "gateway_requests_total" and sample.labels["class"] == "client_error"
+    }
+    assert counted == {("-", "431", 1.0), ("-", "408", 1.0), ("lp", "408", 1.0), ("-", "400", 1.0)}
+    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert sorted((line["status"], line["method"], line["route"]) for line in lines) == [
+        (400, "-", None), (408, "-", None), (408, "POST", ROUTE), (431, "-", None),
+    ]  # fmt: skip
+    assert all(line["class"] == "client_error" and line["request_id"] for line in lines)
