@@ -27,6 +27,7 @@ from gateway.breakers import BreakerKey, BreakerPolicy, BreakerRegistry, Breaker
 from gateway.dedupe import DedupeGate, Deduper, build_deduper
 from gateway.observability import AccessLog, AccessRecord, CountingStore, Metrics
 from gateway.envelope import ProblemContext, render_gateway_error
+from gateway.http_protocol import ConnectionSettings
 from gateway.outcomes import ErrorClass, Outcome
 from gateway.pipeline import Pipeline, UpstreamPlan, request_id_of
 from gateway.ratelimit import BucketPolicy, MemoryRateLimiter, RedisRateLimiter
@@ -41,18 +42,6 @@ from gateway.yamlsource import ConfigError
 log = logging.getLogger("gateway.app")
 
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionSettings:
-    """What one client connection may cost before its request reaches the app (see server.py)."""
-
-    max_head_bytes: int = 2 * 32 * 1024  # the raw request line and headers
-    head_timeout_s: float = 10.0  # from a request's first byte to the end of its headers
-    body_timeout_s: float = 30.0  # between two pieces of a request body
-    error_type_base: str = "urn:gateway:error:"
-    # Told of each request the protocol answered itself: (outcome, request id, method, seconds).
-    on_refusal: Callable[[Outcome, str, str, float], None] | None = None
 
 
 def connection_settings(settings: Settings, on_refusal: Callable[[Outcome, str, str, float], None]) -> ConnectionSettings:

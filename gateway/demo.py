@@ -16,7 +16,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.observability import configure_logging
-from gateway.server import GatewayHttpProtocol, allow_nonstandard_statuses
+from gateway.http_protocol import GatewayHttpProtocol, allow_nonstandard_statuses
 from gateway.settings import load_settings
 from gateway.simulators import SimulatedUpstream
 

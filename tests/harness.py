@@ -24,7 +24,7 @@ import httpx
 import uvicorn
 
 from gateway.app import Gateway, create_app
-from gateway.server import GatewayHttpProtocol, allow_nonstandard_statuses
+from gateway.http_protocol import GatewayHttpProtocol, allow_nonstandard_statuses
 from gateway.settings import load_settings
 from gateway.simulators import SimulatedUpstream
 
