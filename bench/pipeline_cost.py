@@ -29,6 +29,7 @@ from stack import FUNCTION_PATH, gateway_conf, json_body  # noqa: E402
 
 from gateway.app import create_app  # noqa: E402
 from gateway.observability import configure_logging  # noqa: E402
+from gateway.pipeline import DISCONNECT_EXTENSION  # noqa: E402
 from gateway.settings import load_settings  # noqa: E402
 
 BODY = json_body(205, "result")
@@ -101,7 +102,11 @@ async def drive(config: Path, requests: int, rounds: int, caller_ids: bool = Fal
                 if message["type"] == "http.response.start":
                     statuses.append(message["status"])
 
-            await app(scope_for(path, os.urandom(8).hex().encode() if caller_ids else None), receive, send)
+            scope = scope_for(path, os.urandom(8).hex().encode() if caller_ids else None)
+            # What the gateway's protocol puts there under uvicorn (without it the pipeline would
+            # watch the client with a task per request, which the served gateway never does).
+            scope["extensions"] = {DISCONNECT_EXTENSION: asyncio.get_running_loop().create_future()}
+            await app(scope, receive, send)
 
         for _ in range(500):
             await one()
