@@ -16,7 +16,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.observability import configure_logging
-from gateway.http_protocol import GatewayHttpProtocol, allow_nonstandard_statuses
+from gateway.http_protocol import KEEP_ALIVE_S, GatewayHttpProtocol, allow_nonstandard_statuses
 from gateway.settings import load_settings
 from gateway.simulators import SimulatedUpstream
 
@@ -83,7 +83,7 @@ async def _run(host: str, port: int) -> None:
         DEMO_CONFIG.format(host=host, port=port, liveperson=simulators["liveperson"].url, lambda_=simulators["lambda"].url, yuanrong=simulators["yuanrong"].url, http=simulators["http"].url)
     )
     app = create_app(load_settings(config_path))
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http=GatewayHttpProtocol, lifespan="on", server_header=False, date_header=False, proxy_headers=False, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http=GatewayHttpProtocol, lifespan="on", server_header=False, date_header=False, proxy_headers=False, timeout_keep_alive=KEEP_ALIVE_S, log_level="warning"))
     base = f"http://{host}:{port}"
     print(f"gateway demo: listening on {base} (configuration: {config_path})\n")
     for name, dialect in (("lp", "liveperson"), ("aws", "lambda"), ("yr", "yuanrong"), ("web", "http")):

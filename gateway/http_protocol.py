@@ -59,6 +59,11 @@ def _phrase(status: int) -> bytes:
         return b""
 
 
+# How long an idle kept-alive connection stays open (uvicorn's `timeout_keep_alive`). Longer
+# than clients' own idle expiry (httpx, aiohttp: 5 s... 15 s), so that a client never sends a
+# request on a connection the gateway is closing at that very moment.
+KEEP_ALIVE_S = 30
+
 # Where a connection stands in its current request.
 FRESH, HEAD, BODY, IDLE = "fresh", "head", "body", "idle"
 LINGER_S = 2.0

@@ -14,7 +14,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from gateway.app import Gateway, create_app
-from gateway.http_protocol import GatewayHttpProtocol, allow_nonstandard_statuses
+from gateway.http_protocol import KEEP_ALIVE_S, GatewayHttpProtocol, allow_nonstandard_statuses
 from gateway.observability import MULTIPROCESS_ENV, configure_logging
 from gateway.settings import load_settings
 from gateway.yamlsource import ConfigError
@@ -93,7 +93,7 @@ def serve(config_path: Path, host: str, port: int, workers: int, grace_s: float)
         date_header=False,
         proxy_headers=False,
         timeout_graceful_shutdown=grace_s,
-        timeout_keep_alive=30,
+        timeout_keep_alive=KEEP_ALIVE_S,
         access_log=False,
         log_level="warning",
     )
