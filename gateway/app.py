@@ -189,6 +189,7 @@ class Gateway:
         headers = [*rendered.headers, (b"x-request-id", request_id.encode())]
         await send({"type": "websocket.http.response.start", "status": rendered.status, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": rendered.body})
+        self._record_refusal(outcome, request_id, "GET", 0.0)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:

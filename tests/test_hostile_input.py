@@ -142,6 +142,9 @@ async def test_a_websocket_upgrade_gets_a_problem_not_a_bare_403(tmp_path: Path,
         assert (problem["code"], problem["request_id"]) == ("gateway.bad_request", "ws-1")
         assert "WebSocket" in problem["detail"]
         assert upstream.calls == []
+        async with gateway.client() as client:
+            metrics = (await client.get("/metrics")).text
+        assert 'gateway_requests_total{class="client_error",status="400",upstream="-"} 1.0' in metrics
 
 
 @pytest.mark.parametrize(
