@@ -26,9 +26,9 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from gateway.breakers import key_for
-from gateway.envelope import PROBLEM_JSON, ProblemContext, render_gateway_error
+from gateway.envelope import render_unrouted
 from gateway.outcomes import NO_ROUTE, ErrorClass, Outcome
-from gateway.pipeline import request_id_of
+from gateway.pipeline import INTERNAL_FAULT, request_id_of
 from gateway.status_page import collect_stats, login_page, static_asset, status_page
 from gateway.yamlsource import ConfigError
 
@@ -85,11 +85,9 @@ def has_session(request: Request, token: str) -> bool:
 
 def problem_response(gateway: "Gateway", request: Request, outcome: Outcome, headers: dict[str, str] | None = None) -> Response:
     """The same problem object as the proxy's own errors, for the operational and admin paths."""
-    request_id = request_id_of(request.scope)
-    context = ProblemContext(None, 0, request_id, gateway.settings.config.server.error_type_base)
-    rendered = render_gateway_error(None, outcome, context)
-    response = Response(rendered.body, status_code=rendered.status, headers=headers, media_type=PROBLEM_JSON.decode())
-    response.headers["X-Request-ID"] = request_id
+    rendered = render_unrouted(outcome, request_id_of(request.scope), gateway.settings.config.server.error_type_base)
+    response = Response(rendered.body, status_code=rendered.status, headers=headers)
+    response.raw_headers.extend(rendered.headers)
     return response
 
 
@@ -114,14 +112,13 @@ def ops_exception_handlers(gateway: "Gateway") -> dict[Any, Callable[[Request, E
         else:
             outcome = Outcome(ErrorClass.CLIENT_ERROR, error.status_code, "gateway.bad_request", str(error.detail), made_by_gateway=True)
         headers = dict(error.headers or {})
-        if "Allow" in headers:  # Starlette joins a set: make the order stable
+        if "Allow" in headers:  # joined from a set (here and by Starlette): make the order stable
             headers["Allow"] = ", ".join(sorted(method.strip() for method in headers["Allow"].split(",")))
         return problem_response(gateway, request, outcome, headers)
 
     async def fault(request: Request, error: Exception) -> Response:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-        outcome = Outcome(ErrorClass.GATEWAY_ERROR, 500, "gateway.internal", "the gateway failed to answer this request", made_by_gateway=True)
-        return problem_response(gateway, request, outcome)
+        return problem_response(gateway, request, INTERNAL_FAULT)
 
     return {HTTPException: http_error, Exception: fault}
 
@@ -194,9 +191,9 @@ def admin_routes(gateway: "Gateway") -> list[Route]:
         return static_asset(request.path_params["name"])
 
     async def unknown(request: Request) -> Response:
-        allowed = sorted({method for route in known for method in route.methods or () if route.matches(request.scope)[0] is Match.PARTIAL})
+        allowed = {method for route in known for method in route.methods or () if route.matches(request.scope)[0] is Match.PARTIAL}
         if allowed:
-            raise HTTPException(405, headers={"Allow": ", ".join(allowed)})
+            raise HTTPException(405, headers={"Allow": ", ".join(allowed)})  # sorted by http_error
         return not_found(gateway, request)
 
     known = [

@@ -26,7 +26,7 @@ from gateway.admin import admin_routes, ops_exception_handlers, ops_routes
 from gateway.breakers import BreakerKey, BreakerPolicy, BreakerRegistry, BreakerReplicator
 from gateway.dedupe import DedupeGate, Deduper, build_deduper
 from gateway.observability import AccessLog, AccessRecord, CountingStore, Metrics
-from gateway.envelope import ProblemContext, render_gateway_error
+from gateway.envelope import render_unrouted
 from gateway.http_protocol import ConnectionSettings
 from gateway.outcomes import ErrorClass, Outcome
 from gateway.pipeline import Pipeline, UpstreamPlan, request_id_of
@@ -155,7 +155,6 @@ class Gateway:
         self._reload_on_sighup = reload_on_sighup
         self._announce_reload = announce_reload
         self._signal_reloads: set[asyncio.Task[None]] = set()
-        self._connection_settings = connection_settings(settings, self._record_refusal)
         self.ops = Starlette(
             routes=[*ops_routes(self), *admin_routes(self)],
             exception_handlers=ops_exception_handlers(self),
@@ -185,9 +184,8 @@ class Gateway:
             return
         outcome = Outcome(ErrorClass.CLIENT_ERROR, 400, "gateway.bad_request", "WebSocket upgrades are not proxied by this gateway", made_by_gateway=True)
         request_id = request_id_of(scope)
-        rendered = render_gateway_error(None, outcome, ProblemContext(None, 0, request_id, self.settings.config.server.error_type_base))
-        headers = [*rendered.headers, (b"x-request-id", request_id.encode())]
-        await send({"type": "websocket.http.response.start", "status": rendered.status, "headers": headers})
+        rendered = render_unrouted(outcome, request_id, self.settings.config.server.error_type_base)
+        await send({"type": "websocket.http.response.start", "status": rendered.status, "headers": rendered.headers})
         await send({"type": "websocket.http.response.body", "body": rendered.body})
         self._record_refusal(outcome, request_id, "GET", 0.0)
 
@@ -228,11 +226,10 @@ class Gateway:
         assert self.services is not None
         self.runtime = Runtime(settings, self.services)
         self.settings = settings
-        self._connection_settings = connection_settings(settings, self._record_refusal)
 
     def connection_settings(self) -> ConnectionSettings:
         """Read by the server protocol for each new connection, so a reload applies to new ones."""
-        return self._connection_settings
+        return connection_settings(self.settings, self._record_refusal)
 
     def _record_refusal(self, outcome: Outcome, request_id: str, method: str, duration_s: float) -> None:
         """Count and log a request the server protocol answered itself, as the pipeline does its own."""
@@ -240,9 +237,7 @@ class Gateway:
         if services is None:
             return
         error_class = outcome.error_class.value if outcome.error_class else None
-        metrics = services.metrics
-        metrics.child(metrics.requests, "-", error_class or "success", str(outcome.status)).inc()
-        metrics.child(metrics.request_latency, "-").observe(duration_s)
+        services.metrics.count_request("-", error_class or "success", outcome.status, duration_s)
         record = AccessRecord(request_id, method, None, None, None, None, outcome.status, error_class, 0, duration_s)
         services.access_log.write(record)
 

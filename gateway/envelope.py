@@ -75,6 +75,13 @@ def render_gateway_error(dialect: str | None, outcome: Outcome, context: Problem
     return Rendered(outcome.status, [(b"content-type", JSON), *headers, *extra], orjson.dumps(body))
 
 
+def render_unrouted(outcome: Outcome, request_id: str, type_base: str) -> Rendered:
+    """An error answered before or outside any route (the server protocol, the gateway's own
+    paths): the problem object itself, with the request id it names as `X-Request-ID`."""
+    rendered = render_gateway_error(None, outcome, ProblemContext(None, 0, request_id, type_base))
+    return Rendered(rendered.status, [*rendered.headers, (b"x-request-id", request_id.encode())], rendered.body)
+
+
 def render_upstream_error(
     dialect: str, outcome: Outcome, upstream_headers: Headers, body: Any, context: ProblemContext
 ) -> Rendered:

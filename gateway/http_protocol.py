@@ -18,7 +18,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.envelope import ProblemContext, render_gateway_error
+from gateway.envelope import render_unrouted
 from gateway.outcomes import ErrorClass, Outcome
 from gateway.pipeline import ANSWERED_EXTENSION, DISCONNECT_EXTENSION, request_id_of
 
@@ -131,25 +131,24 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
+        self._stop_watching()
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
-            gone = cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
-            if gone is not None and not gone.done():
-                gone.set_result(None)
+            tell_gone(cycle.scope)
 
     def handle_websocket_upgrade(self) -> None:
-        if self._read_timer is not None:  # the connection is the WebSocket protocol's now
-            self._read_timer.cancel()
-            self._read_timer = None
+        self._stop_watching()  # the connection is the WebSocket protocol's now
         super().handle_websocket_upgrade()
 
     def send_400_response(self, msg: str) -> None:
         outcome = Outcome(ErrorClass.CLIENT_ERROR, 400, "gateway.bad_request", f"malformed HTTP request: {msg}", made_by_gateway=True)
         self._answer_and_close(outcome)
+
+    def _stop_watching(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
 
     def _watch_reads(self) -> None:
         if self._read_timer is None:
@@ -167,14 +166,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._read_timer = self.loop.call_at(due, self._on_read_timer)
         elif self._phase is FRESH:
             self.transport.close()  # connected, never said a word: nobody to answer
-        elif self._phase is HEAD:
-            self._answer_and_close(Outcome(ErrorClass.CLIENT_ERROR, 408, "gateway.request_timeout", f"request headers not complete within {limit:g} s", made_by_gateway=True))
         else:
-            self._time_out_body(limit)
-
-    def _time_out_body(self, limit: float) -> None:
-        detail = f"request body stalled for {limit:g} s"
-        self._answer_and_close(Outcome(ErrorClass.CLIENT_ERROR, 408, "gateway.request_timeout", detail, made_by_gateway=True))
+            what = "request headers not complete within" if self._phase is HEAD else "request body stalled for"
+            self._answer_and_close(Outcome(ErrorClass.CLIENT_ERROR, 408, "gateway.request_timeout", f"{what} {limit:g} s", made_by_gateway=True))
 
     def _answer_and_close(self, outcome: Outcome, *, linger: bool = False) -> None:
         """A problem object written straight to the socket, then the connection closed.
@@ -194,19 +188,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.transport.close()  # the app is answering already: nothing can be added
             return
         request_id = request_id_of(cycle.scope) if cycle is not None else uuid.uuid4().hex
-        rendered = render_gateway_error(None, outcome, ProblemContext(None, 0, request_id, self._settings.error_type_base))
+        rendered = render_unrouted(outcome, request_id, self._settings.error_type_base)
         head = [STATUS_LINE[rendered.status]]
         head += [name + b": " + value + b"\r\n" for name, value in rendered.headers]
-        head += [b"content-length: %d\r\n" % len(rendered.body), b"x-request-id: " + request_id.encode() + b"\r\n", b"connection: close\r\n\r\n"]
+        head += [b"content-length: %d\r\n" % len(rendered.body), b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + rendered.body)
         if cycle is not None:
             extensions = cycle.scope.setdefault("extensions", {})
             extensions[ANSWERED_EXTENSION] = (outcome, request_id)
             cycle.disconnected = True
             cycle.message_event.set()
-            gone = extensions.get(DISCONNECT_EXTENSION)
-            if gone is not None and not gone.done():
-                gone.set_result(None)
+            tell_gone(cycle.scope)
         elif self._settings.on_refusal is not None:
             self._settings.on_refusal(outcome, request_id, "-", self.loop.time() - self._request_started)
         if linger and self.transport.can_write_eof():
@@ -215,6 +207,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.loop.call_later(LINGER_S, self.transport.close)
         else:
             self.transport.close()
+
+
+def tell_gone(scope: dict[str, Any]) -> None:
+    """Resolve the request's disconnect future, which the pipeline watches."""
+    gone = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+    if gone is not None and not gone.done():
+        gone.set_result(None)
 
 
 def connection_settings_of(app: Any) -> ConnectionSettings:

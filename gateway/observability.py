@@ -82,6 +82,11 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    def count_request(self, upstream: str, class_label: str, status: int, duration_s: float) -> None:
+        """One answered request: `gateway_requests_total` and its duration."""
+        self.child(self.requests, upstream, class_label, str(status)).inc()
+        self.child(self.request_latency, upstream).observe(duration_s)
+
     def exposition(self) -> bytes:
         return generate_latest(self._scraped())
 

@@ -478,9 +478,7 @@ class Pipeline:
         plan = exchange.plan
         duration = self.rt.clock() - exchange.started
         upstream = plan.name if plan else "-"
-        metrics = self.rt.metrics
-        metrics.child(metrics.requests, upstream, _class_label(exchange), str(exchange.status)).inc()
-        metrics.child(metrics.request_latency, upstream).observe(duration)
+        self.rt.metrics.count_request(upstream, _class_label(exchange), exchange.status, duration)
         match = exchange.match
         self.rt.access_log.write(
             AccessRecord(

@@ -54,6 +54,28 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
     return b"".join(chunks)
 
 
+async def exchange(gw: RunningGateway, request: bytes) -> bytes:
+    """Send `request` on a new connection; everything the gateway answers until it closes."""
+    reader, writer = await connect(gw)
+    writer.write(request)
+    await writer.drain()
+    response = await read_all(reader)
+    writer.close()
+    return response
+
+
+async def send_until_answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, piece: bytes, pause_s: float, most: int) -> int:
+    """Keep sending `piece` (every `pause_s`) until the gateway answers or closes, at most `most` bytes; how many were sent."""
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        while sent < most and not reader.at_eof() and not reader._buffer:  # type: ignore[attr-defined]
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+            await asyncio.sleep(pause_s)
+    return sent
+
+
 def problem_in(response: bytes, status: int) -> dict:
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % status), response[:300]
@@ -71,14 +93,7 @@ async def test_an_endless_header_gets_431_while_it_arrives(tmp_path: Path) -> No
         reader, writer = await connect(gw)
         before_mib = rss_mib()
         writer.write(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nX-Endless: ".encode())
-        sent = 0
-        with contextlib.suppress(ConnectionError):
-            while sent < 48 * 1024 * 1024 and not reader.at_eof():
-                writer.write(b"a" * 65536)
-                await writer.drain()
-                sent += 65536
-                if reader._buffer:  # type: ignore[attr-defined]  # the answer is there: stop sending
-                    break
+        sent = await send_until_answered(reader, writer, b"a" * 65536, 0, 48 * 1024 * 1024)
         grown_mib = rss_mib() - before_mib
         response = await read_all(reader)
         writer.close()
@@ -92,11 +107,7 @@ async def test_an_endless_header_gets_431_while_it_arrives(tmp_path: Path) -> No
 async def test_a_large_head_sent_at_once_still_reads_its_431(tmp_path: Path) -> None:
     """The client sent everything before reading anything, far past the limit: it still reads its answer."""
     async with gateway(tmp_path) as (gw, upstream):
-        reader, writer = await connect(gw)
-        writer.write(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nCookie: {'c' * 3_000_000}\r\n\r\n".encode())
-        await writer.drain()
-        response = await read_all(reader)
-        writer.close()
+        response = await exchange(gw, f"POST {PATH} HTTP/1.1\r\nHost: x\r\nCookie: {'c' * 3_000_000}\r\n\r\n".encode())
     assert problem_in(response, 431)["code"] == "gateway.headers_too_large"
     assert upstream.calls == []
 
@@ -105,13 +116,7 @@ async def test_a_head_that_trickles_in_gets_408(tmp_path: Path) -> None:
     async with gateway(tmp_path) as (gw, upstream):
         reader, writer = await connect(gw)
         writer.write(f"POST {PATH} HTTP/1.1\r\nHost: x\r\n".encode())
-        with contextlib.suppress(ConnectionError):
-            for _ in range(int(BOUND_S / 0.1)):  # a byte every 100 ms: never idle, never done
-                if reader.at_eof() or reader._buffer:  # type: ignore[attr-defined]
-                    break
-                writer.write(b"X")
-                await writer.drain()
-                await asyncio.sleep(0.1)
+        await send_until_answered(reader, writer, b"X", 0.1, int(BOUND_S / 0.1))  # a byte every 100 ms: never idle, never done
         response = await read_all(reader)
         writer.close()
     problem = problem_in(response, 408)
@@ -121,11 +126,7 @@ async def test_a_head_that_trickles_in_gets_408(tmp_path: Path) -> None:
 
 async def test_a_stalled_body_gets_408_and_nothing_is_forwarded(tmp_path: Path) -> None:
     async with gateway(tmp_path) as (gw, upstream):
-        reader, writer = await connect(gw)
-        writer.write(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: stalled-1\r\nContent-Length: 100\r\n\r\n{{\"partial\":".encode())
-        await writer.drain()
-        response = await read_all(reader)
-        writer.close()
+        response = await exchange(gw, f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: stalled-1\r\nContent-Length: 100\r\n\r\n{{\"partial\":".encode())
         async with gw.client() as client:  # the gateway goes on serving
             assert (await client.post(PATH, json={})).status_code == 200
     problem = problem_in(response, 408)
@@ -154,9 +155,7 @@ async def test_a_slow_but_moving_body_is_not_cut(tmp_path: Path) -> None:
 
 async def test_a_connection_that_never_speaks_is_closed(tmp_path: Path) -> None:
     async with gateway(tmp_path) as (gw, _):
-        reader, writer = await connect(gw)
-        response = await read_all(reader)
-        writer.close()
+        response = await exchange(gw, b"")
     assert response == b""  # closed, no answer: there was no request to answer
 
 
@@ -200,11 +199,7 @@ async def test_what_the_protocol_answers_itself_is_counted_and_logged(tmp_path: 
             f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{{".encode(),  # 408: the body stalls
             b"BREW /pot HTCPCP/1.0\r\n\r\n",  # 400: not HTTP
         ]:
-            reader, writer = await connect(gw)
-            writer.write(request)
-            await writer.drain()
-            await read_all(reader)
-            writer.close()
+            await exchange(gw, request)
         async with gw.client() as client:
             metrics = (await client.get("/metrics")).text
     counted = {
