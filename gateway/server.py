@@ -28,7 +28,7 @@ def app_from_environment() -> Gateway:
     """uvicorn factory for worker processes: each worker loads the file named by GATEWAY_CONFIG."""
     allow_nonstandard_statuses()
     configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the lifespan installs the reload handler
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app exists and remembers one (Gateway.__init__)
     supervisor = _supervisor_pid()
     announce = None if supervisor is None else lambda: os.kill(supervisor, signal.SIGHUP)
     app = create_app(load_settings(Path(os.environ[CONFIG_ENV])), reload_on_sighup=True, announce_reload=announce)

@@ -19,7 +19,9 @@ import orjson
 import psutil
 import pytest
 
+from gateway.app import create_app
 from gateway.cli import run_check
+from gateway.settings import load_settings
 from gateway.simulators import SimulatedUpstream
 from tests.harness import GatewayProcess, gateway_process, running_gateway, simulated, upstream_config, write_config
 from tests.redis_servers import RedisProcess
@@ -239,3 +241,17 @@ async def test_sighup_with_workers_checks_the_file_first_and_reloads_every_worke
             sent = await traffic_until_every_worker_answered(gw.url, workers, gw)
             assert {upstream_of(r, first, second) for r in sent} == {0}
             assert worker_pids(gw) == workers
+
+
+async def test_a_sighup_while_the_worker_still_starts_is_not_lost(tmp_path: Path) -> None:
+    """A supervisor may pass a reload on before a worker's lifespan has installed its handler."""
+    config = write_config(tmp_path, gateway_yaml("http://127.0.0.1:9"))
+    app = create_app(load_settings(config), reload_on_sighup=True)
+    config.write_text(gateway_yaml("http://127.0.0.1:10"))
+    signal.raise_signal(signal.SIGHUP)  # before start(): nothing reloads yet, nothing is lost either
+    assert app.settings.config.upstreams["lp"].url.endswith(":9")
+    await app.start()
+    try:
+        await wait_for(lambda: app.settings.config.upstreams["lp"].url.endswith(":10"), "the remembered reload")
+    finally:
+        await app.stop()
