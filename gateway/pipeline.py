@@ -99,7 +99,7 @@ class Exchange:
     replayed: bool = False
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     disconnect_watch: asyncio.Future[Any] | None = None
-    body_failure: Exception | None = None  # why a streamed body stopped: aiohttp reports only a broken connection
+    body_failure: Exception | None = None  # why a streamed body stopped: the upstream client reports only a broken connection
     shared: bool = False  # one invocation for several callers (gateway.dedupe): a departure only stops its retries
 
     def problem_context(self, type_base: str) -> ProblemContext:

@@ -40,7 +40,7 @@ def settle_heap() -> None:
     """Hide the start-up heap from the cyclic collector (collect once, then freeze), and let
     the young generation grow past what is in flight.
 
-    Imports (pydantic, aiohttp, botocore's models...) leave hundreds of thousands of objects
+    Imports (pydantic, botocore's models, prometheus-client...) leave hundreds of thousands of objects
     that never die; every full collection walked them all, a 25-75 ms stall several times a
     second under load (bench/, docs/performance.md). Frozen, they are skipped.
     """

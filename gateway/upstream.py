@@ -1,27 +1,31 @@
-"""The only module that talks to upstreams: one pooled aiohttp session, errors translated.
+"""The only module that talks to upstreams: one connection pool, errors translated.
 
 `send` returns an `UpstreamReply` once the status line and headers have arrived, or an
-`AttemptFailure` saying whether the request can have reached the upstream. aiohttp's own
-exceptions never leave this module. Bodies pass through as bytes: no decompression, no
-re-quoting of the path, no headers added that the caller did not send.
+`AttemptFailure` saying whether the request can have reached the upstream. The wire layer's
+exceptions (`gateway.http1`) never leave this module. Bodies pass through as bytes: no
+decompression, no re-quoting of the path, no headers added but `Host` (unless a signer set it) and the body's framing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-
-import aiohttp
-import yarl
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from gateway.classify import TransportFailure
+from gateway.http1 import ConnectionPool, Http1Connection, Origin, UpstreamConnectionError
 
 RawHeaders = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
+# RFC 9110 §9.3: methods whose request content has a defined meaning send a length even when empty
+_METHODS_WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
+_UNSAFE_IN_HEAD = re.compile(r"[\r\n\x00]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,14 +43,15 @@ class AttemptFailure:
 
 
 class UpstreamReply:
-    """An upstream answer whose body has not been read yet. Always `release()` it."""
+    """An upstream answer whose body has not been read yet. Always `release()` or `close()` it."""
 
-    __slots__ = ("_response", "status", "headers")
+    __slots__ = ("_connection", "_read_timeout_s", "status", "headers")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.headers: RawHeaders = strip_hop_by_hop([(n.lower(), v) for n, v in response.raw_headers])
+    def __init__(self, connection: Http1Connection, status: int, headers: RawHeaders, read_timeout_s: float) -> None:
+        self._connection = connection
+        self._read_timeout_s = read_timeout_s
+        self.status = status
+        self.headers: RawHeaders = strip_hop_by_hop(headers)
 
     def header_map(self) -> dict[str, str]:
         """Names -> first value, for classification (names are lower-cased, as ASGI wants)."""
@@ -60,41 +65,49 @@ class UpstreamReply:
         chunks: list[bytes] = []
         size = 0
         try:
-            async for chunk in self._response.content.iter_any():
+            while chunk := await self._connection.read_some(self._read_timeout_s):
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > limit:
                     return b"".join(chunks)[:limit], False
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (UpstreamConnectionError, TimeoutError):
             return b"".join(chunks), False
         return b"".join(chunks), True
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """The body as it arrives; raises UpstreamBodyError when the upstream breaks off."""
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise UpstreamBodyError(str(exc) or type(exc).__name__) from None
+        while True:
+            try:
+                chunk = await self._connection.read_some(self._read_timeout_s)
+            except TimeoutError:
+                raise UpstreamBodyError(f"no body data within {self._read_timeout_s:.3g} s") from None
+            except UpstreamConnectionError as exc:
+                raise UpstreamBodyError(str(exc)) from None
+            if not chunk:
+                return
+            yield chunk
 
     @property
     def declared_length(self) -> int | None:
         """The upstream's Content-Length, when it sent one."""
-        return self._response.content_length
+        return self._connection.content_length
 
     async def read_whole(self) -> bytes:
         """The whole body at once (for a small declared length); raises UpstreamBodyError."""
         try:
-            return await self._response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise UpstreamBodyError(str(exc) or type(exc).__name__) from None
+            return await self._connection.read_all(self._read_timeout_s)
+        except TimeoutError:
+            raise UpstreamBodyError(f"no body data within {self._read_timeout_s:.3g} s") from None
+        except UpstreamConnectionError as exc:
+            raise UpstreamBodyError(str(exc)) from None
 
     def release(self) -> None:
-        self._response.release()
+        """Done with the answer: its connection is kept for the next request when it can be."""
+        self._connection.release()
 
     def close(self) -> None:
         """Drop the connection (the body was not read to the end)."""
-        self._response.close()
+        self._connection.close()
 
 
 class UpstreamBodyError(Exception):
@@ -111,73 +124,104 @@ def split_credentials(url: str) -> tuple[str, str | None]:
     """An upstream URL without its user:password, and the Basic Authorization they stand for.
 
     Resolved once per configuration: the credentials replace a caller's Authorization on every
-    attempt (as `aws_sigv4` replaces a caller's signature); aiohttp refuses a request carrying both.
+    attempt (as `aws_sigv4` replaces a caller's signature).
     """
-    parsed = yarl.URL(url, encoded=True)
-    if parsed.user is None:
+    parts = urlsplit(url)
+    if parts.username is None:
         return url, None
-    return str(parsed.with_user(None)), aiohttp.BasicAuth.from_url(parsed).encode()
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode("latin-1")
+    return urlunsplit(parts._replace(netloc=netloc)), "Basic " + base64.b64encode(credentials).decode("ascii")
+
+
+def request_head(method: str, target: str, origin: Origin, headers: list[tuple[str, str]], framing: bytes) -> bytes:
+    """The request line and header block, ending with the blank line."""
+    block = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    separators = len(headers)
+    if block.count("\n") != separators or block.count("\r") != separators or "\x00" in block or _UNSAFE_IN_HEAD.search(method + target):
+        raise ValueError("a request line or header carries CR, LF or NUL")
+    host = b"" if any(name.lower() == "host" for name, _ in headers) else b"Host: %s\r\n" % origin.host_header  # a signer may have set it
+    return b"%s %s HTTP/1.1\r\n%s%s%s\r\n" % (method.encode("ascii"), target.encode("latin-1"), host, block.encode("latin-1"), framing)
+
+
+def body_framing(method: str, headers: list[tuple[str, str]], body: bytes | AsyncIterable[bytes]) -> tuple[bytes, bool]:
+    """The framing header the body needs, and whether it goes chunked."""
+    if isinstance(body, bytes):
+        if body or method in _METHODS_WITH_CONTENT:
+            return b"Content-Length: %d\r\n" % len(body), False
+        return b"", False
+    if any(name.lower() == "content-length" for name, _ in headers):
+        return b"", False
+    return b"Transfer-Encoding: chunked\r\n", True
 
 
 class UpstreamClient:
-    """One connection pool for the process; built in the app's lifespan, closed there."""
+    """One connection pool for the process; started in the app's lifespan, closed there."""
 
-    def __init__(self, max_connections: int = 512, read_bufsize: int = 64 * 1024) -> None:
+    def __init__(self, max_connections: int = 512, read_bufsize: int = 64 * 1024, idle_timeout_s: float = 30.0) -> None:
         self._max_connections = max_connections
         self._read_bufsize = read_bufsize
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
+        self._idle_timeout_s = idle_timeout_s
+        self._pool: ConnectionPool | None = None
+        self._origins: dict[str, Origin] = {}
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None),
-            read_bufsize=self._read_bufsize,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        # aiohttp silently resends GET/PUT/DELETE once on a reset; every resend must be a counted,
-        # budgeted attempt of ours (there is no public switch: aiohttp's own test client does this)
-        self._session._retry_connection = False
+        self._pool = ConnectionPool(max_connections=self._max_connections, idle_timeout_s=self._idle_timeout_s, read_limit=self._read_bufsize)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
-    def _timeout(self, connect_s: float, per_try_s: float) -> aiohttp.ClientTimeout:
-        """ClientTimeout objects are reused: a first attempt always asks for the same pair."""
-        found = self._timeouts.get((connect_s, per_try_s))
-        if found is None:
-            found = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=per_try_s)
-            if len(self._timeouts) < 256:  # retries ask for what is left of a deadline: not worth keeping
-                self._timeouts[(connect_s, per_try_s)] = found
-        return found
+    def _split(self, url: str) -> tuple[Origin, str]:
+        """The origin (parsed once per scheme and authority) and the request target, as given."""
+        scheme, _, rest = url.partition("://")
+        end = len(rest)
+        for delimiter in "/?#":
+            found = rest.find(delimiter, 0, end)
+            if found >= 0:
+                end = found
+        key = url[: len(url) - len(rest) + end]
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = Origin.of(scheme.lower(), rest[:end])
+            if len(self._origins) < 1024:
+                self._origins[key] = origin
+        target = rest[end:].partition("#")[0]
+        return origin, target if target.startswith("/") else "/" + target
 
     async def send(self, request: UpstreamRequest, connect_s: float, per_try_s: float) -> UpstreamReply | AttemptFailure:
         """One attempt; `per_try_s` bounds the time until the response headers arrive."""
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
-        timeout = self._timeout(connect_s, per_try_s)
+        pool = self._pool
+        assert pool is not None, "UpstreamClient.start() was not awaited"
+        origin, target = self._split(request.url)
+        framing, chunked = body_framing(request.method, request.headers, request.body)
+        head = request_head(request.method, target, origin, request.headers, framing)
+        started = pool.loop.time()
+        connection = pool.take_idle(origin)
+        if connection is None:
+            connect_bound = min(connect_s, per_try_s)
+            try:
+                async with asyncio.timeout(connect_bound):
+                    connection = await pool.connect(origin)
+            except TimeoutError:
+                if connect_s <= per_try_s:
+                    return AttemptFailure(TransportFailure.REFUSED, f"could not connect within {connect_s:g} s")
+                return AttemptFailure(TransportFailure.TIMEOUT, f"no answer within {per_try_s:.3g} s")
+            except OSError as exc:
+                return AttemptFailure(TransportFailure.REFUSED, f"connection failed: {exc.strerror or exc}")
+            except UpstreamConnectionError as exc:
+                return AttemptFailure(TransportFailure.REFUSED, f"connection failed: {exc}")
         try:
-            async with asyncio.timeout(per_try_s):
-                response = await self._session.request(
-                    request.method,
-                    yarl.URL(request.url, encoded=True),
-                    headers=request.headers,
-                    data=request.body,
-                    timeout=timeout,
-                    allow_redirects=False,
-                    compress=None,
-                    chunked=None,
-                )
-        except aiohttp.ConnectionTimeoutError:
-            return AttemptFailure(TransportFailure.REFUSED, f"could not connect within {connect_s:g} s")
-        except TimeoutError:  # asyncio.timeout and aiohttp's socket read timeout alike
+            connection.send_request(head, request.body, chunked, expect_body=request.method != "HEAD")
+            status, headers = await connection.response_head(max(0.0, per_try_s - (pool.loop.time() - started)))
+        except TimeoutError:
+            connection.close()
             return AttemptFailure(TransportFailure.TIMEOUT, f"no answer within {per_try_s:.3g} s")
-        except aiohttp.ClientConnectorError as exc:
-            return AttemptFailure(TransportFailure.REFUSED, f"connection failed: {exc.os_error.strerror or exc.os_error}")
-        except (aiohttp.ClientError, OSError) as exc:
-            return AttemptFailure(TransportFailure.RESET, f"connection broken: {type(exc).__name__}: {exc}".rstrip(": "))
-        return UpstreamReply(response)
+        except (UpstreamConnectionError, OSError) as exc:
+            connection.close()
+            return AttemptFailure(TransportFailure.RESET, f"connection broken: {exc}")
+        except BaseException:
+            connection.close()
+            raise
+        return UpstreamReply(connection, status, headers, per_try_s)
