@@ -144,9 +144,10 @@ def summary_markdown(results: Mapping[str, Any], chart: str = "latency.png") -> 
         "/dev/null, metrics); `gateway-redis` keeps its rate-limit buckets in a local redis-server; `gateway-ids` is `gateway-redis` "
         "receiving a unique `X-Request-ID` with every request, as the LivePerson client and boto3 send one, so duplicate "
         "coalescing runs too (an in-flight mark in Redis, the stored answer). nginx (1 worker, "
-        "upstream keepalive) and HAProxy (1 thread, http-reuse always) run without access logs. `minimal` is the floor of this "
-        "stack: a bare ASGI callable relaying through one aiohttp session on the same uvicorn setup, with no feature at all "
-        "(bench/minimal_proxy.py).",
+        "upstream keepalive) and HAProxy (1 thread, http-reuse always) run without access logs. `minimal` is the floor the issue's "
+        "reference names: a bare ASGI callable relaying through one aiohttp session on the same uvicorn setup, with no feature at "
+        "all (bench/minimal_proxy.py); `minimal-gw` is the same callable relaying through the gateway's own upstream client, the "
+        "floor under the gateway itself.",
         "",
         f"Machine noise: processes outside the benchmark used {noise['mean_foreign_cores']:.2f} cores on average during the measured "
         f"runs (worst run {noise['max_foreign_cores']:.2f}); load average {noise['loadavg_before']} before, {noise['loadavg_after']} after.",

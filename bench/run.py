@@ -33,7 +33,7 @@ from analysis import GATEWAYS, medians, memory_verdict, targets  # noqa: E402
 from load import RunResult, measure, process_rss_bytes  # noqa: E402
 from hotspots import parse_collapsed, profile_markdown, start_py_spy  # noqa: E402
 from report import draw_chart, summary_markdown, update_doc  # noqa: E402
-from stack import BENCH, BODY_BYTES, REDIS_GATEWAYS, REPO, TARGETS, Pinning, Stack, http_get, json_body, running_stack  # noqa: E402
+from stack import BENCH, BODY_BYTES, FLOORS, REDIS_GATEWAYS, REPO, TARGETS, Pinning, Stack, http_get, json_body, running_stack  # noqa: E402
 
 FAST_CONNECTIONS = (1, 16, 64, 256)
 SLOW_CONNECTIONS_FULL = (1, 16, 64, 128, 256)
@@ -142,7 +142,7 @@ def run_matrix(stack: Stack, plan: Plan, body_file: Path, log: Any) -> list[RunR
 def measure_memory(stack: Stack, plan: Plan, body_file: Path, log: Any) -> dict[str, Any]:
     """Each gateway under 64 connections on the fast upstream for `memory_s`; RSS sampled every second."""
     found: dict[str, Any] = {}
-    for name in (t for t in plan.targets if t in GATEWAYS or t == "minimal"):  # minimal: the floor to compare with
+    for name in (t for t in plan.targets if t in GATEWAYS or t in FLOORS):  # the floors to compare with
         pid = stack.pids[name]
         argv = ["taskset", "-c", str(stack.pinning.load_core), "wrk", "-t1", "-c64", f"-d{plan.memory_s:g}s", "-s", str(BENCH / "report.lua"), stack.url(name, "fast")]
         started = time.monotonic()
@@ -164,7 +164,7 @@ def measure_memory(stack: Stack, plan: Plan, body_file: Path, log: Any) -> dict[
 
 def run_profiles(stack: Stack, plan: Plan, body_file: Path, out: Path, log: Any) -> dict[str, str]:
     written: dict[str, str] = {}
-    for name in (t for t in plan.targets if t in GATEWAYS or t == "minimal"):  # minimal: the floor to compare with
+    for name in (t for t in plan.targets if t in GATEWAYS or t in FLOORS):  # the floors to compare with
         raw = out / f"profile-{name}.txt"
         spy = start_py_spy(stack.pids[name], plan.profile_s, stack.pinning.load_core, raw)
         time.sleep(0.5)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the gateway against direct, nginx and HAProxy (see docs/performance.md)")
     parser.add_argument("--quick", action="store_true", help="1 repeat of 2 s per cell (about 2 minutes)")
     parser.add_argument("--soak", action="store_true", help="5 minutes under load per gateway for the memory verdict")
-    parser.add_argument("--profile", action="store_true", help="py-spy each gateway and minimal under load; writes profile-*.md")
+    parser.add_argument("--profile", action="store_true", help="py-spy each gateway and both minimal proxies under load; writes profile-*.md")
     parser.add_argument("--update-doc", action="store_true", help="copy the summary and chart into docs/performance.md")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory check")
     parser.add_argument("--memory-seconds", type=int, help="seconds under load per gateway for the memory check")

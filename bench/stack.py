@@ -25,7 +25,8 @@ BODY_BYTES = 205
 SLOW_DELAY_MS = 20.0
 FUNCTION_PATH = "/api/account/le12345678/lambdas/bench-fn/invoke"
 UPSTREAMS = ("fast", "slow")
-TARGETS = ("direct", "nginx", "haproxy", "minimal", "gateway", "gateway-redis", "gateway-ids")
+TARGETS = ("direct", "nginx", "haproxy", "minimal", "minimal-gw", "gateway", "gateway-redis", "gateway-ids")
+FLOORS = ("minimal", "minimal-gw")
 PROXIES = TARGETS[1:]
 REDIS_GATEWAYS = ("gateway-redis", "gateway-ids")
 # wrk sends a unique X-Request-ID with every request to these (real clients send one: dedupe runs)
@@ -240,9 +241,10 @@ def running_stack(work: Path, pinning: Pinning, body: bytes, gateway_log_level: 
         (work / "haproxy.cfg").write_text(haproxy_conf(port, fast, slow))
         stack.start("haproxy", ["haproxy", "-db", "-f", str(work / "haproxy.cfg")], proxy, port, log=work / "haproxy.out")
 
-        port = free_port()
-        minimal = [sys.executable, str(BENCH / "minimal_proxy.py"), "--port", str(port), "--fast", f"http://127.0.0.1:{fast}", "--slow", f"http://127.0.0.1:{slow}"]
-        stack.start("minimal", minimal, proxy, port, log=work / "minimal.out")
+        for name, client in (("minimal", "aiohttp"), ("minimal-gw", "gateway")):
+            port = free_port()
+            minimal = [sys.executable, str(BENCH / "minimal_proxy.py"), "--port", str(port), "--fast", f"http://127.0.0.1:{fast}", "--slow", f"http://127.0.0.1:{slow}", "--client", client]
+            stack.start(name, minimal, proxy, port, log=work / f"{name}.out", env={**os.environ, "PYTHONPATH": str(REPO)})
 
         env = {**os.environ, "GATEWAY_LOG_LEVEL": gateway_log_level, "PYTHONUNBUFFERED": "1"}
         gateway = str(Path(sys.executable).with_name("gateway"))
