@@ -132,6 +132,11 @@ class Http1Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamConnectionError(f"invalid response: {exc}"))
         else:
+            if not self._headed:  # llhttp keeps a partial header line itself: count what it holds
+                self._head_bytes += len(data)
+                if self._head_bytes > self._max_head_bytes:
+                    self._fail(UpstreamConnectionError(f"response head larger than {self._max_head_bytes} bytes"))
+                    return
             if self._buffered > self._read_limit and not self._reading_paused and not self.closed:
                 self._reading_paused = True
                 self._transport.pause_reading()  # type: ignore[union-attr]
@@ -166,9 +171,6 @@ class Http1Connection(asyncio.Protocol):
             raise UpstreamConnectionError("the upstream sent more than one response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self._max_head_bytes:
-            raise UpstreamConnectionError(f"response head larger than {self._max_head_bytes} bytes")
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -176,7 +178,6 @@ class Http1Connection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:  # an interim response (100 Continue, 103): its final one follows
             self._interim = True
             self._headers = []
-            self._head_bytes = 0
             return
         self._status = status
         self._headed = True
@@ -384,9 +385,12 @@ class ConnectionPool:
                 self._slot_waiters.append(waiter)
                 try:
                     await waiter
-                finally:
+                except BaseException:
                     if waiter in self._slot_waiters:
                         self._slot_waiters.remove(waiter)
+                    elif waiter.done() and not waiter.cancelled():
+                        self._wake_one()  # woken, then timed out: the free slot goes to the next in line
+                    raise
             found = self.take_idle(origin)
             if found is not None:
                 return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -158,15 +159,22 @@ def body_framing(method: str, headers: list[tuple[str, str]], body: bytes | Asyn
 class UpstreamClient:
     """One connection pool for the process; started in the app's lifespan, closed there."""
 
-    def __init__(self, max_connections: int = 512, read_bufsize: int = 64 * 1024, idle_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, max_connections: int = 512, read_bufsize: int = 64 * 1024, idle_timeout_s: float = 30.0, tls_context: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
         self._max_connections = max_connections
         self._read_bufsize = read_bufsize
         self._idle_timeout_s = idle_timeout_s
+        self._tls_context = tls_context  # None: the system's trust store, certificate and host name verified
         self._pool: ConnectionPool | None = None
         self._origins: dict[str, Origin] = {}
 
     async def start(self) -> None:
-        self._pool = ConnectionPool(max_connections=self._max_connections, idle_timeout_s=self._idle_timeout_s, read_limit=self._read_bufsize)
+        tls = self._tls_context
+        self._pool = ConnectionPool(
+            max_connections=self._max_connections, idle_timeout_s=self._idle_timeout_s, read_limit=self._read_bufsize,
+            ssl_context=ssl.create_default_context if tls is None else lambda: tls,
+        )  # fmt: skip
 
     async def aclose(self) -> None:
         if self._pool is not None:

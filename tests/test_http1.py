@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
+import trustme
 import uvloop
 
 from gateway.classify import TransportFailure
@@ -90,9 +92,9 @@ class RawServer:
 
 
 @contextlib.asynccontextmanager
-async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
+async def raw_server(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[RawServer]:
     server = RawServer(handler)
-    server.server = await asyncio.start_server(server._accept, "127.0.0.1", 0)
+    server.server = await asyncio.start_server(server._accept, "127.0.0.1", 0, ssl=tls)
     try:
         yield server
     finally:
@@ -102,7 +104,7 @@ async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
 
 
 @contextlib.asynccontextmanager
-async def client(**options: float) -> AsyncIterator[UpstreamClient]:
+async def client(**options: object) -> AsyncIterator[UpstreamClient]:
     upstream = UpstreamClient(**options)  # type: ignore[arg-type]
     await upstream.start()
     try:
@@ -272,6 +274,21 @@ async def test_a_huge_response_head_is_refused() -> None:
 
     async with raw_server(endless_head) as upstream, client() as http:
         result = await http.send(UpstreamRequest("POST", upstream.url + "/f", [], b"{}"), 1.0, 2.0)
+        assert isinstance(result, AttemptFailure)
+        assert (result.failure, "response head larger than" in result.detail) == (TransportFailure.RESET, True), result
+
+
+@on_both_loops
+async def test_an_endless_header_line_is_refused_while_it_arrives() -> None:
+    async def endless_line(peer: Peer) -> None:
+        await peer.request()
+        await peer.answer(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(4096):  # 64 MiB if nobody stops it
+                await peer.answer(b"y" * 16384)
+
+    async with raw_server(endless_line) as upstream, client() as http:
+        result = await http.send(UpstreamRequest("POST", upstream.url + "/f", [], b"{}"), 1.0, 10.0)
         assert isinstance(result, AttemptFailure)
         assert (result.failure, "response head larger than" in result.detail) == (TransportFailure.RESET, True), result
 
@@ -458,3 +475,25 @@ async def test_targets_and_host_headers_come_from_the_url_as_given() -> None:
 def test_credentials_in_the_url_become_basic_authorization() -> None:
     assert split_credentials("http://us%40er:p%3Aw@host:81/x?y") == ("http://host:81/x?y", "Basic dXNAZXI6cDp3")
     assert split_credentials("http://host/x") == ("http://host/x", None)
+
+
+@on_both_loops
+async def test_https_verifies_the_certificate_and_the_host_name() -> None:
+    authority = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_tls)
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+
+    async with raw_server(answering(OK, OK), tls=server_tls) as upstream:
+        url = upstream.url.replace("http://127.0.0.1", "https://localhost")
+        async with client(tls_context=trusting) as http:
+            assert [await fetch(http, url + "/f") for _ in range(2)] == [(200, b"ok")] * 2
+            assert len(upstream.peers) == 1  # kept alive over TLS too
+            wrong_name = await http.send(UpstreamRequest("POST", upstream.url.replace("http", "https") + "/f", [], b"{}"), 1.0, 2.0)
+            assert isinstance(wrong_name, AttemptFailure) and wrong_name.failure is TransportFailure.REFUSED, wrong_name
+            assert "certificate" in wrong_name.detail.lower() or "ip address mismatch" in wrong_name.detail.lower(), wrong_name.detail
+        async with client() as http:  # the system's trust store does not know this authority
+            untrusted = await http.send(UpstreamRequest("POST", url + "/f", [], b"{}"), 1.0, 2.0)
+            assert isinstance(untrusted, AttemptFailure) and untrusted.failure is TransportFailure.REFUSED, untrusted
+            assert "certificate verify failed" in untrusted.detail, untrusted.detail
