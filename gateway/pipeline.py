@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,7 @@ INTERNAL_FAULT = Outcome(ErrorClass.GATEWAY_ERROR, 500, "gateway.internal", "the
 SHUTDOWN_CUT = Outcome(ErrorClass.GATEWAY_ERROR, 503, "gateway.shutting_down", "the gateway shut down before this request finished (server.shutdown_grace_s passed)", made_by_gateway=True)
 STREAM_WATCH_BYTES = 64 * 1024
 SMALL_BODY_BYTES = 64 * 1024  # a success body up to this declared length is relayed in one message
+_USABLE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-gateway-attempt"}
 
 
@@ -555,36 +557,56 @@ class RuntimeView:
     def budget(self, plan: UpstreamPlan) -> RetryBudget: ...
 
 
-async def _unless_client_leaves(exchange: Exchange, call: Awaitable["Answer"]) -> "Answer":
+async def _unless_client_leaves(exchange: Exchange, call: Coroutine[Any, Any, "Answer"]) -> "Answer":
     """Await `call`; if the client disconnects first, cancel it and raise ClientDisconnected.
 
     uvicorn does not cancel a request whose client left: without this, the attempt would run
     on and its outcome (a slow failure, a per-try timeout) would be held against the breaker.
+    The call runs in the request's own task (a task per attempt cost a tenth of the pipeline's
+    instructions): the client leaving cancels this task, and that one cancellation comes out of
+    here as ClientDisconnected, while any other (a shutdown) stays a cancellation.
     """
     watch = exchange.disconnect_watch
     if watch is None or exchange.shared:
         return await call
-    task = asyncio.ensure_future(call)
-
-    def leave(_: asyncio.Future[Any]) -> None:
-        task.cancel()
-
+    if watch.done():
+        call.close()
+        raise ClientDisconnected()
+    task = asyncio.current_task()
+    assert task is not None
+    leaving = _CancelOnLeave(task)
     # a done-callback rather than asyncio.wait: this runs on every attempt, and wait() builds a
-    # future, a set and two callbacks each time; a cancel of this request also cancels `task`
-    watch.add_done_callback(leave)
+    # future, a set and two callbacks each time
+    watch.add_done_callback(leaving)
     try:
-        answer = await task
+        answer = await call
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if watch.done() and current is not None and not current.cancelling():
+        if leaving.fired and task.uncancel() == 0:
             raise ClientDisconnected() from None
         raise
     finally:
-        watch.remove_done_callback(leave)
+        leaving.armed = False  # a callback already scheduled must not cancel what comes next
+        watch.remove_done_callback(leaving)
     if watch.done():
         answer.discard()  # it finished as the client left: nobody wants the answer
         raise ClientDisconnected()
     return answer
+
+
+class _CancelOnLeave:
+    """The done-callback on the disconnect future: cancels the task while it awaits the call."""
+
+    __slots__ = ("task", "armed", "fired")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.armed = True
+        self.fired = False
+
+    def __call__(self, _: asyncio.Future[Any]) -> None:
+        if self.armed:
+            self.fired = True
+            self.task.cancel()
 
 
 def _record(admission: Admission, outcome: Outcome) -> None:
@@ -605,7 +627,7 @@ def _circuit_open(refusal: Refusal) -> Outcome:
 def request_id_of(scope: Scope) -> str:
     """The caller's X-Request-ID when it is 1-200 visible ASCII characters, else a new one."""
     value = _header(scope, b"x-request-id")
-    if value is not None and 0 < len(value) <= 200 and all(0x21 <= b <= 0x7E for b in value):
+    if value is not None and _USABLE_REQUEST_ID.fullmatch(value):
         return value.decode("ascii")
     return os.urandom(16).hex()  # the randomness of uuid4().hex without building a UUID: 5x cheaper per request
 

@@ -411,7 +411,9 @@ async def test_scope_upstream_shares_one_breaker_between_functions(tmp_path: Pat
 
 async def test_a_request_whose_client_left_does_not_count(tmp_path: Path) -> None:
     requests = FAIL_MAX + 1
-    async with gated() as upstream, proxy(tmp_path, upstream.url, per_try_s=2.0) as gw:
+    # a per-try timeout far past WAIT_S: only a gateway that abandons the upstream call when its
+    # client leaves finishes these requests while they are still held
+    async with gated() as upstream, proxy(tmp_path, upstream.url, per_try_s=25.0) as gw:
         upstream.status = 503
         upstream.gate.clear()  # the upstream is slow, and will fail
         tasks = [asyncio.create_task(gw.call("f")) for _ in range(requests)]
