@@ -149,8 +149,7 @@ class Http1Connection(asyncio.Protocol):
         self._pool.forget(self)
         if self._in_use and not self._complete and self._error is None:
             if self._headed and self._eof_ends_body and exc is None:
-                self._complete = True
-                self._keep_alive = False
+                self._complete = True  # closed already: never reused
             else:
                 reason = f"{type(exc).__name__}: {exc}" if exc else "the upstream closed the connection"
                 self._error = UpstreamConnectionError(reason)
@@ -296,19 +295,14 @@ class Http1Connection(asyncio.Protocol):
             self._waiter = None
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _resolve(self._waiter)
 
     def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _resolve(self._drain_waiter)
 
     def _fail(self, error: Exception) -> None:
         if self._error is None and not self._complete:
             self._error = error
-        self._keep_alive = False
         self.close()
         self._wake()
 
@@ -332,6 +326,11 @@ class Http1Connection(asyncio.Protocol):
                 transport.write(b"0\r\n\r\n")
         except Exception:  # the caller's body broke off (it says why itself): the upstream must not take a truncated body as whole
             self._fail(UpstreamConnectionError("the request body broke off"))
+
+
+def _resolve(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 def _time_out(waiter: asyncio.Future[None]) -> None:
@@ -372,7 +371,7 @@ class ConnectionPool:
         oldest_fresh = self.loop.time() - self._idle_timeout_s
         while idle:
             connection = idle.pop()
-            if not connection.closed and connection.idle_since > oldest_fresh:
+            if _fresh(connection, oldest_fresh):
                 return connection
             connection.close()
         return None
@@ -421,7 +420,7 @@ class ConnectionPool:
         return True
 
     def forget(self, connection: Http1Connection) -> None:
-        """The connection is gone (called once, from `connection_lost`)."""
+        """The connection is closed or gone: its slot is free (idempotent)."""
         if connection in self._all:
             self._all.discard(connection)
             self._wake_one()
@@ -462,9 +461,11 @@ class ConnectionPool:
         """Close what sat idle too long, and drop closed connections from the idle lists."""
         oldest_fresh = self.loop.time() - self._idle_timeout_s
         for origin, idle in list(self._idle.items()):
-            fresh = [c for c in idle if not c.closed and c.idle_since > oldest_fresh]
+            fresh = []
             for connection in idle:
-                if connection not in fresh:
+                if _fresh(connection, oldest_fresh):
+                    fresh.append(connection)
+                else:
                     connection.close()
             if fresh:
                 self._idle[origin] = fresh
@@ -472,3 +473,8 @@ class ConnectionPool:
                 del self._idle[origin]
         if not self._closed:
             self._sweeper = self.loop.call_later(self._idle_timeout_s / 2, self._sweep)
+
+
+def _fresh(connection: Http1Connection, oldest_fresh: float) -> bool:
+    """Still open, and idle since after `oldest_fresh` (a loop time)."""
+    return not connection.closed and connection.idle_since > oldest_fresh

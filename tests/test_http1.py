@@ -119,6 +119,11 @@ async def post(upstream: UpstreamClient, url: str, body: bytes = b"{}", per_try_
     return reply
 
 
+async def attempt(upstream: UpstreamClient, url: str, connect_s: float = 1.0, per_try_s: float = 2.0) -> UpstreamReply | AttemptFailure:
+    """One POST of `{}` to `url` + "/f", as the pipeline makes it: a reply or a failure."""
+    return await upstream.send(UpstreamRequest("POST", url + "/f", [], b"{}"), connect_s, per_try_s)
+
+
 async def fetch(upstream: UpstreamClient, url: str, **options: object) -> tuple[int, bytes]:
     reply = await post(upstream, url, **options)  # type: ignore[arg-type]
     body = await reply.read_whole()
@@ -273,7 +278,7 @@ async def test_a_huge_response_head_is_refused() -> None:
             await peer.answer(b"X-Filler: " + b"y" * 1000 + b"\r\n")
 
     async with raw_server(endless_head) as upstream, client() as http:
-        result = await http.send(UpstreamRequest("POST", upstream.url + "/f", [], b"{}"), 1.0, 2.0)
+        result = await attempt(http, upstream.url)
         assert isinstance(result, AttemptFailure)
         assert (result.failure, "response head larger than" in result.detail) == (TransportFailure.RESET, True), result
 
@@ -288,7 +293,7 @@ async def test_an_endless_header_line_is_refused_while_it_arrives() -> None:
                 await peer.answer(b"y" * 16384)
 
     async with raw_server(endless_line) as upstream, client() as http:
-        result = await http.send(UpstreamRequest("POST", upstream.url + "/f", [], b"{}"), 1.0, 10.0)
+        result = await attempt(http, upstream.url, per_try_s=10.0)
         assert isinstance(result, AttemptFailure)
         assert (result.failure, "response head larger than" in result.detail) == (TransportFailure.RESET, True), result
 
@@ -296,7 +301,7 @@ async def test_an_endless_header_line_is_refused_while_it_arrives() -> None:
 @on_both_loops
 async def test_invalid_http_is_a_broken_connection() -> None:
     async with raw_server(answering(b"SMTP ready\r\n\r\n")) as upstream, client() as http:
-        result = await http.send(UpstreamRequest("POST", upstream.url + "/f", [], b"{}"), 1.0, 2.0)
+        result = await attempt(http, upstream.url)
         assert isinstance(result, AttemptFailure) and result.failure is TransportFailure.RESET, result
         assert "invalid response" in result.detail
 
@@ -316,7 +321,7 @@ async def test_no_answer_within_the_per_try_timeout() -> None:
         await asyncio.sleep(5)
 
     async with raw_server(silent) as upstream, client() as http:
-        result = await http.send(UpstreamRequest("POST", upstream.url + "/f", [], b"{}"), 1.0, 0.2)
+        result = await attempt(http, upstream.url, per_try_s=0.2)
         assert result == AttemptFailure(TransportFailure.TIMEOUT, "no answer within 0.2 s")
 
 
@@ -325,7 +330,7 @@ async def test_a_refused_connection_is_refused() -> None:
     async with raw_server(answering(OK)) as upstream:
         url = upstream.url
     async with client() as http:
-        result = await http.send(UpstreamRequest("POST", url + "/f", [], b"{}"), 1.0, 2.0)
+        result = await attempt(http, url)
         assert isinstance(result, AttemptFailure) and result.failure is TransportFailure.REFUSED, result
         assert result.detail.startswith("connection failed:")
 
@@ -356,9 +361,9 @@ async def test_waiting_for_a_free_connection_is_bounded_by_the_connect_timeout()
         await asyncio.sleep(5)
 
     async with raw_server(never) as upstream, client(max_connections=1) as http:
-        first = asyncio.create_task(http.send(UpstreamRequest("POST", upstream.url + "/f", [], b"{}"), 0.3, 3.0))
+        first = asyncio.create_task(attempt(http, upstream.url, connect_s=0.3, per_try_s=3.0))
         await asyncio.sleep(0.05)
-        second = await http.send(UpstreamRequest("POST", upstream.url + "/f", [], b"{}"), 0.3, 3.0)
+        second = await attempt(http, upstream.url, connect_s=0.3, per_try_s=3.0)
         assert second == AttemptFailure(TransportFailure.REFUSED, "could not connect within 0.3 s")
         first.cancel()
 
@@ -426,6 +431,30 @@ async def test_an_early_answer_to_a_body_still_being_sent_does_not_reuse_the_con
 
 
 @on_both_loops
+async def test_a_streamed_body_waits_for_an_upstream_that_does_not_read() -> None:
+    pulled = 0
+    offered = 64 * 1024 * 1024
+
+    async def plenty() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        while pulled < offered:
+            pulled += 65536
+            yield b"z" * 65536
+
+    async def read_nothing(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(5)
+
+    async with raw_server(read_nothing) as upstream, client() as http:
+        call = asyncio.create_task(http.send(UpstreamRequest("PUT", upstream.url + "/f", [], plenty()), 1.0, 5.0))
+        await asyncio.sleep(0.5)
+        assert pulled < offered // 4  # held back by the socket's buffers, not the whole 64 MiB taken in
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+
+
+@on_both_loops
 async def test_reading_pauses_while_the_unread_body_exceeds_the_read_limit() -> None:
     total = 8 * 1024 * 1024
 
@@ -490,10 +519,10 @@ async def test_https_verifies_the_certificate_and_the_host_name() -> None:
         async with client(tls_context=trusting) as http:
             assert [await fetch(http, url + "/f") for _ in range(2)] == [(200, b"ok")] * 2
             assert len(upstream.peers) == 1  # kept alive over TLS too
-            wrong_name = await http.send(UpstreamRequest("POST", upstream.url.replace("http", "https") + "/f", [], b"{}"), 1.0, 2.0)
+            wrong_name = await attempt(http, upstream.url.replace("http", "https"))
             assert isinstance(wrong_name, AttemptFailure) and wrong_name.failure is TransportFailure.REFUSED, wrong_name
             assert "certificate" in wrong_name.detail.lower() or "ip address mismatch" in wrong_name.detail.lower(), wrong_name.detail
         async with client() as http:  # the system's trust store does not know this authority
-            untrusted = await http.send(UpstreamRequest("POST", url + "/f", [], b"{}"), 1.0, 2.0)
+            untrusted = await attempt(http, url)
             assert isinstance(untrusted, AttemptFailure) and untrusted.failure is TransportFailure.REFUSED, untrusted
             assert "certificate verify failed" in untrusted.detail, untrusted.detail
