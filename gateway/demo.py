@@ -16,7 +16,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.observability import configure_logging
-from gateway.http_protocol import KEEP_ALIVE_S, GatewayHttpProtocol, allow_nonstandard_statuses
+from gateway.http_protocol import KEEP_ALIVE_S, GatewayHttpProtocol
 from gateway.settings import load_settings
 from gateway.simulators import SimulatedUpstream
 
@@ -101,7 +101,6 @@ async def _run(host: str, port: int) -> None:
 
 
 def run_demo(host: str, port: int) -> int:
-    allow_nonstandard_statuses()
     configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
     try:
         import uvloop

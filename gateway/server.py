@@ -14,7 +14,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from gateway.app import Gateway, create_app
-from gateway.http_protocol import KEEP_ALIVE_S, GatewayHttpProtocol, allow_nonstandard_statuses
+from gateway.http_protocol import KEEP_ALIVE_S, GatewayHttpProtocol
 from gateway.observability import MULTIPROCESS_ENV, configure_logging
 from gateway.settings import load_settings
 from gateway.yamlsource import ConfigError
@@ -26,7 +26,6 @@ log = logging.getLogger("gateway.server")
 
 def app_from_environment() -> Gateway:
     """uvicorn factory for worker processes: each worker loads the file named by GATEWAY_CONFIG."""
-    allow_nonstandard_statuses()
     configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app exists and remembers one (Gateway.__init__)
     supervisor = _supervisor_pid()
@@ -80,7 +79,6 @@ class GatewaySupervisor(Multiprocess):
 
 
 def serve(config_path: Path, host: str, port: int, workers: int, grace_s: float) -> None:
-    allow_nonstandard_statuses()
     configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
     os.environ[CONFIG_ENV] = str(config_path.resolve())
     options = dict(

@@ -24,7 +24,7 @@ import httpx
 import uvicorn
 
 from gateway.app import Gateway, create_app
-from gateway.http_protocol import KEEP_ALIVE_S, GatewayHttpProtocol, allow_nonstandard_statuses
+from gateway.http_protocol import KEEP_ALIVE_S, GatewayHttpProtocol
 from gateway.settings import load_settings
 from gateway.simulators import SimulatedUpstream
 
@@ -66,7 +66,6 @@ class RunningGateway:
 @contextlib.asynccontextmanager
 async def running_gateway(config_path: Path, host: str = "127.0.0.1", port: int | None = None) -> AsyncIterator[RunningGateway]:
     """The real app on uvicorn + httptools in this event loop, on a free loopback port."""
-    allow_nonstandard_statuses()
     app = create_app(load_settings(config_path))
     port = port or free_port(host)
     config = uvicorn.Config(app, host=host, port=port, loop="none", http=GatewayHttpProtocol, lifespan="on", log_level="warning", server_header=False, date_header=False, proxy_headers=False, timeout_keep_alive=KEEP_ALIVE_S)
