@@ -5,9 +5,10 @@ request is forwarded to `--fast`/`--slow` + path and the answer relayed. Served 
 (uvicorn, one worker, uvloop, httptools). The gap between this and the gateway is what the
 gateway's features cost; the gap between this and nginx is what the stack costs.
 
-`--client aiohttp` relays through one aiohttp `ClientSession` (the floor the issue's reference
-figures name); `--client gateway` through the gateway's own upstream client
-(`gateway.upstream.UpstreamClient`), so that the gap to the gateway is its features alone.
+`--client aiohttp` relays through one aiohttp `ClientSession` on uvicorn's httptools protocol (the
+floor the issue's reference figures name); `--client gateway` through the gateway's own upstream
+client (`gateway.upstream.UpstreamClient`) on the gateway's own server protocol
+(`gateway.http_protocol`), so that the gap to the gateway is its features alone.
 
     python bench/minimal_proxy.py --port 8000 --fast http://127.0.0.1:9001 --slow http://127.0.0.1:9002 [--client gateway]
 """
@@ -21,6 +22,7 @@ import aiohttp
 import uvicorn
 import yarl
 
+from gateway.http_protocol import GatewayHttpProtocol
 from gateway.upstream import UpstreamClient, UpstreamReply, UpstreamRequest
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade", b"proxy-authorization", b"proxy-authenticate"})
@@ -88,7 +90,9 @@ def main() -> None:
     parser.add_argument("--client", choices=("aiohttp", "gateway"), default="aiohttp")
     args = parser.parse_args()
     app = MinimalProxy({"fast": args.fast, "slow": args.slow}, args.client)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", lifespan="on", access_log=False, log_level="warning", server_header=False, date_header=False)
+    # the gateway's floor runs on the gateway's own server protocol too; the reference one on uvicorn's
+    protocol: Any = GatewayHttpProtocol if args.client == "gateway" else "httptools"
+    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http=protocol, lifespan="on", access_log=False, log_level="warning", server_header=False, date_header=False)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -318,6 +319,8 @@ class LineHandler(logging.Handler):
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
 
     def setStream(self, stream: Any) -> Any:  # noqa: N802 - logging's name
         self.flush()
@@ -336,13 +339,25 @@ class LineHandler(logging.Handler):
         if self._pending_bytes >= self.MAX_PENDING_BYTES:
             self.flush()
         elif not self._flush_scheduled:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
+            loop = self._running_loop()
+            if loop is None:
                 self.flush()
                 return
             self._flush_scheduled = True
             loop.call_soon(self.flush)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop running in this thread, if any; remembered, because asking asyncio for it
+        costs a getpid system call on Python 3.11 (once per loop turn with lines to write)."""
+        loop, thread = self._loop, threading.get_ident()
+        if loop is not None and self._loop_thread == thread and loop.is_running():
+            return loop  # one loop runs per thread at a time: the remembered one, still running here
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        self._loop, self._loop_thread = loop, thread
+        return loop
 
     def flush(self) -> None:
         self._flush_scheduled = False

@@ -151,9 +151,10 @@ class Pipeline:
     def __init__(self, runtime: "RuntimeView") -> None:
         self.rt = runtime
         self._policy_headers: dict[BucketPolicy, tuple[bytes, str]] = {}  # per policy: RateLimit-Policy, quoted name
+        self._new_id = RandomIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = Exchange(scope, receive, send, request_id_of(scope), self.rt.clock())
+        exchange = Exchange(scope, receive, send, request_id_of(scope, self._new_id), self.rt.clock())
         try:
             await self._handle(exchange)
         except ClientDisconnected:
@@ -572,7 +573,7 @@ async def _unless_client_leaves(exchange: Exchange, call: Coroutine[Any, Any, "A
     if watch.done():
         call.close()
         raise ClientDisconnected()
-    task = asyncio.current_task()
+    task = asyncio.current_task(watch.get_loop())  # with its loop given, no getpid system call (Python 3.11)
     assert task is not None
     leaving = _CancelOnLeave(task)
     # a done-callback rather than asyncio.wait: this runs on every attempt, and wait() builds a
@@ -624,12 +625,33 @@ def _circuit_open(refusal: Refusal) -> Outcome:
     return Outcome(ErrorClass.CIRCUIT_OPEN, 503, "gateway.circuit_open", detail, max(1.0, refusal.retry_after_s), made_by_gateway=True)
 
 
-def request_id_of(scope: Scope) -> str:
+def request_id_of(scope: Scope, fresh: Callable[[], str] | None = None) -> str:
     """The caller's X-Request-ID when it is 1-200 visible ASCII characters, else a new one."""
     value = _header(scope, b"x-request-id")
     if value is not None and _USABLE_REQUEST_ID.fullmatch(value):
         return value.decode("ascii")
-    return os.urandom(16).hex()  # the randomness of uuid4().hex without building a UUID: 5x cheaper per request
+    return fresh() if fresh is not None else os.urandom(16).hex()
+
+
+class RandomIds:
+    """New request ids: 128 random bits in hex, as uuid4().hex, without a system call for each.
+
+    os.urandom is a getrandom system call; this draws 256 ids' worth at once. One per pipeline,
+    so each worker process draws its own.
+    """
+
+    __slots__ = ("_pool", "_next")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._next = 0
+
+    def __call__(self) -> str:
+        start = self._next
+        if start >= len(self._pool):
+            self._pool, start = os.urandom(4096), 0
+        self._next = start + 16
+        return self._pool[start : start + 16].hex()
 
 
 def forwarded_headers(scope: Scope, request_id: str, attempt: int) -> list[tuple[str, str]]:

@@ -290,6 +290,28 @@ async def test_pending_access_lines_are_flushed_on_shutdown_and_when_large() -> 
     assert len(binary.getvalue().splitlines()) == many + 1
 
 
+def test_one_handler_serves_successive_loops_and_plain_threads() -> None:
+    """It remembers the running loop; a loop that stopped, or another thread, must not be used."""
+    binary = CountingStream()
+    handler = LineHandler(TextStream(binary))
+    log = AccessLog(access_logger("test.access.loops", handler), wall_clock=lambda: 1_700_000_000.0)
+
+    async def write_then_turn(request_id: str) -> None:
+        log.write(record(request_id))
+        await asyncio.sleep(0)
+
+    asyncio.run(write_then_turn("first-loop"))
+    asyncio.run(write_then_turn("second-loop"))  # the remembered loop has stopped
+    log.write(record("no-loop"))  # written at once: nothing would run a scheduled flush
+
+    async def from_a_thread() -> None:
+        await asyncio.to_thread(log.write, record("other-thread"))  # while this loop runs
+
+    asyncio.run(from_a_thread())
+    written = [orjson.loads(line)["request_id"] for line in binary.getvalue().splitlines()]
+    assert written == ["first-loop", "second-loop", "no-loop", "other-thread"]
+
+
 def test_a_broken_stream_does_not_fail_the_request() -> None:
     stream = TextStream(CountingStream())
     stream.close()

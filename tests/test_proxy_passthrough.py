@@ -30,6 +30,7 @@ import psutil
 import pytest
 from aiohttp import web
 
+from gateway.pipeline import RandomIds
 from gateway.simulators import Reply, SimulatedUpstream
 from tests.harness import RunningGateway, gateway_process, running_gateway, simulated, upstream_config, write_config
 from tests.problem_schema import problem_of
@@ -403,6 +404,14 @@ async def test_request_id_is_created_when_absent(tmp_path: Path) -> None:
     returned, sent = await _request_id_roundtrip(tmp_path, {})
     assert returned == sent
     assert re.fullmatch(r"[0-9a-f]{32}", returned)
+
+
+def test_new_request_ids_are_random_128_bit_hex_across_pool_refills() -> None:
+    new_id = RandomIds()
+    ids = [new_id() for _ in range(1000)]  # four draws of the 256-id pool
+    assert all(re.fullmatch(r"[0-9a-f]{32}", value) for value in ids)
+    assert len(set(ids)) == len(ids)
+    assert len(set(RandomIds()() for _ in range(3))) == 3  # each pipeline draws its own
 
 
 @pytest.mark.parametrize("value", VALID_IDS)
