@@ -20,8 +20,11 @@ resumes normal use. Every redis-py error and timeout becomes :class:`StoreUnavai
 so no other module imports ``redis``.
 
 Commands on keys are batched: the token takes (EVALSHA), SETs, GETs and DELs asked for
-during one turn of the event loop go to Redis as one pipeline on one connection, in one round
-trip. A caller waits ``timeout_s`` from when its batch is sent, plus two loop turns (then it
+during one turn of the event loop go to Redis in one write, in one round trip. Outside a
+cluster they all travel on one multiplexed connection (`gateway.resp`: replies matched in
+order, parsed by hiredis, about a third of redis-py's instructions per command), opened by
+redis-py and then carried by the gateway; a cluster's go through redis-py's pipeline, which
+routes them by slot. A caller waits ``timeout_s`` from when its batch is sent, plus two loop turns (then it
 gets :class:`StoreUnavailable` and goes on without Redis); the batch itself runs on to its
 deadline of four timeouts. The outage breaker opens when a batch fails, or reaches that
 deadline while Redis answered no batch sent after it. A reply that is late because the
@@ -48,6 +51,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from hiredis import ReplyError
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -59,6 +63,8 @@ try:
     from redis.maint_notifications import MaintNotificationsConfig
 except ImportError:  # redis-py before 7 has no maintenance notifications to turn off
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
+
+from gateway.resp import RespChannel
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +226,11 @@ class RedisStore:
         self._pending: list[PendingCommand] = []
         self._last_answer_at = float("-inf")  # loop time of the last batch Redis answered
         self._batches: set[asyncio.Task[None]] = set()
+        # Key commands go over one multiplexed connection of our own (gateway.resp), except on
+        # a cluster, whose commands redis-py routes by slot.
+        self._uses_channel = isinstance(client, aioredis.Redis)
+        self._channel: RespChannel | None = None
+        self._channel_lock = asyncio.Lock()
 
     @classmethod
     def from_url(
@@ -290,6 +301,8 @@ class RedisStore:
             async with asyncio.timeout(self._batch_deadline_s):
                 replies = await self._execute(batch)
         except STORE_ERRORS as error:
+            if isinstance(error, TIMEOUTS):
+                self._drop_silent_channel(sent_at)
             if isinstance(error, TIMEOUTS) and self._last_answer_at > sent_at:
                 # Other batches got their answers meanwhile: Redis is up and this process's own
                 # loop is slow (overloaded). Its callers go on without Redis; nobody else does.
@@ -316,6 +329,8 @@ class RedisStore:
 
     async def _execute(self, batch: list[PendingCommand]) -> list[Any]:
         """Each command's reply (or its own error), loading the script once if Redis lost it."""
+        if self._uses_channel:
+            return await self._on_channel([command.args for command in batch])
         if len(batch) == 1:  # a pipeline of one costs more than the plain command
             args = batch[0].args
             try:
@@ -331,6 +346,37 @@ class RedisStore:
             for index, reply in zip(lost, await self._pipelined([batch[i].args for i in lost]), strict=True):
                 replies[index] = reply
         return replies
+
+    async def _on_channel(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        channel = await self._open_channel()
+        replies = await channel.execute(commands)
+        lost = [index for index, reply in enumerate(replies) if _error_reply(reply, "NOSCRIPT")]
+        if lost:
+            # Only the scripts again: a SET NX that succeeded must not be sent a second time.
+            await channel.execute([("SCRIPT", "LOAD", TOKEN_BUCKET_LUA)])
+            for index, reply in zip(lost, await channel.execute([commands[i] for i in lost]), strict=True):
+                replies[index] = reply
+        if any(_error_reply(reply, "READONLY") for reply in replies):
+            channel.abort()  # a master demoted by a failover: reconnecting asks the Sentinels again
+        return replies
+
+    async def _open_channel(self) -> RespChannel:
+        channel = self._channel
+        if channel is not None and not channel.closed:
+            return channel
+        async with self._channel_lock:  # one connect, however many batches are waiting for it
+            channel = self._channel
+            if channel is None or channel.closed:
+                pool = self._client.connection_pool  # type: ignore[union-attr]
+                channel = self._channel = await RespChannel.take_over(pool.make_connection())
+        return channel
+
+    def _drop_silent_channel(self, sent_at: float) -> None:
+        """After a batch's deadline: a connection that has answered nothing since it was sent is
+        dropped (a frozen or unreachable server), so the next probe connects afresh."""
+        channel = self._channel
+        if channel is not None and channel.last_reply_at < sent_at:
+            channel.abort()
 
     async def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -348,7 +394,12 @@ class RedisStore:
         """
         try:
             async with asyncio.timeout(deadline_s):
-                await self._client.script_load(TOKEN_BUCKET_LUA)
+                if self._uses_channel:
+                    [loaded] = await (await self._open_channel()).execute([("SCRIPT", "LOAD", TOKEN_BUCKET_LUA)])
+                    if isinstance(loaded, ReplyError):
+                        raise RedisError(str(loaded))
+                else:
+                    await self._client.script_load(TOKEN_BUCKET_LUA)
         except STORE_ERRORS as error:
             log.warning("redis is not answering at start-up: %s: %s", type(error).__name__, error)
             self._breaker.fail()
@@ -412,6 +463,8 @@ class RedisStore:
         for task in list(self._batches):
             task.cancel()
         await asyncio.gather(*self._batches, return_exceptions=True)
+        if self._channel is not None:
+            self._channel.close()
         for client in (self._client, self._pubsub_client):
             with contextlib.suppress(*STORE_ERRORS):
                 await client.aclose()
@@ -446,6 +499,10 @@ class RedisStore:
             raise
         self._breaker.succeed(ticket)
         return result
+
+
+def _error_reply(reply: Any, code: str) -> bool:
+    return isinstance(reply, ReplyError) and str(reply).startswith(code)
 
 
 def build_client(url: str, options: StoreOptions) -> Client:

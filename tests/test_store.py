@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from typing import Any
 from collections.abc import AsyncIterator
@@ -376,6 +377,7 @@ async def test_unix_socket_url(tmp_path: pytest.TempPathFactory) -> None:
     store = RedisStore.from_url(f"unix://{socket_path}", timeout_s=LOADED_MACHINE_TIMEOUT_S, clock=time.monotonic)
     try:
         assert await store.take_token("gw:t:{u}", 1.0, 1.0, 2) == (True, 1, 0.0, 1.0)
+        assert store._channel is not None and not store._channel.closed  # the multiplexed connection, on the socket file
     finally:
         await store.aclose()
         server.close()
@@ -389,6 +391,7 @@ async def test_sentinel_url_reaches_the_master(redis_sentinel) -> None:
         assert await store.set_value("gw:v:{s}", b"v", 5.0)
         reply = send_command(redis_sentinel.master.port, "GET", "gw:v:{s}")
         assert reply == b"$1\r\nv\r\n"
+        assert store._channel is not None and not store._channel.closed  # opened on the master the Sentinels named
     finally:
         await store.aclose()
 
@@ -449,3 +452,110 @@ async def test_cluster_pubsub(redis_cluster) -> None:
     finally:
         await messages.aclose()
         await store.aclose()
+
+
+# --- the multiplexed connection (gateway.resp) --------------------------------------------------
+
+
+def client_count(port: int) -> int:
+    """Clients connected to the server, this probe excluded."""
+    return send_command(port, "CLIENT", "LIST").count(b"id=") - 1
+
+
+async def test_key_commands_share_one_connection_and_keep_their_order(store: RedisStore, redis_server: RedisProcess) -> None:
+    await store.prepare()
+    assert client_count(redis_server.port) == 1  # the channel, opened at start-up
+    results = await asyncio.gather(
+        store.set_value("gw:v:{o}", b"1", 5.0),
+        store.get_value("gw:v:{o}"),
+        store.set_value("gw:v:{o}", b"2", 5.0, only_if_absent=True),
+        store.take_token("gw:t:{o}", 1.0, 60.0, 3),
+        store.get_value("gw:v:{o}"),
+        store.delete("gw:v:{o}"),
+        store.get_value("gw:v:{o}"),
+    )
+    assert results[:3] == [True, b"1", False]
+    assert results[3][:2] == (True, 2)
+    assert results[4:] == [b"1", None, None]
+    assert client_count(redis_server.port) == 1
+
+
+async def test_an_error_reply_fails_only_its_own_command(store: RedisStore, redis_server: RedisProcess) -> None:
+    await store.set_value("gw:v:{e}", b"text", 5.0)
+    assert send_command(redis_server.port, "RPUSH", "gw:t:{e}", "not-a-bucket") == b":1\r\n"
+    bad, good = await asyncio.gather(store.take_token("gw:t:{e}", 1.0, 1.0, 5), store.get_value("gw:v:{e}"), return_exceptions=True)
+    assert isinstance(bad, StoreUnavailable) and "WRONGTYPE" in str(bad)  # the script's GET on a list
+    assert good == b"text"
+    assert store.healthy
+
+
+async def test_a_killed_connection_fails_its_callers_and_the_next_call_reconnects(store: RedisStore, redis_server: RedisProcess) -> None:
+    await store.take_token("gw:t:{k}", 1.0, 60.0, 5)
+    assert send_command(redis_server.port, "CLIENT", "KILL", "TYPE", "normal").startswith(b":")
+    await asyncio.sleep(0.05)  # the close reaches the gateway's side
+    answer = await asyncio.gather(store.take_token("gw:t:{k}", 1.0, 60.0, 5), return_exceptions=True)
+    if isinstance(answer[0], StoreUnavailable):  # the kill was seen only when this batch was written
+        assert not store.healthy
+        return
+    assert answer[0][:2] == (True, 3)  # reconnected: the bucket kept its count
+    assert client_count(redis_server.port) == 1
+
+
+async def test_a_demoted_master_drops_the_connection_to_find_the_new_one(store: RedisStore, redis_server: RedisProcess) -> None:
+    await store.take_token("gw:t:{r}", 1.0, 60.0, 5)
+    first = store._channel
+    send_command(redis_server.port, "REPLICAOF", "127.0.0.1", "1")  # read-only now, as a failed-over master
+    try:
+        answer = (await asyncio.gather(store.set_value("gw:v:{r}", b"x", 5.0), return_exceptions=True))[0]
+        assert isinstance(answer, StoreUnavailable) and "READONLY" in str(answer)
+        assert first is not None and first.closed
+    finally:
+        send_command(redis_server.port, "REPLICAOF", "NO", "ONE")
+    assert await store.set_value("gw:v:{r}", b"x", 5.0)
+    assert store._channel is not first
+
+
+async def test_a_frozen_server_s_connection_is_dropped_and_a_later_probe_reconnects(redis_server: RedisProcess) -> None:
+    store = make_store(redis_server.url, timeout_s=0.05, cooldown_s=0.2)
+    try:
+        await store.take_token("gw:t:{z}", 1.0, 60.0, 5)
+        frozen = store._channel
+        redis_server.pause()
+        with pytest.raises(StoreUnavailable):
+            await store.take_token("gw:t:{z}", 1.0, 60.0, 5)
+        for _ in range(100):  # the batch runs on to its deadline, then drops the silent connection
+            if frozen is not None and frozen.closed:
+                break
+            await asyncio.sleep(0.02)
+        assert frozen is not None and frozen.closed
+        redis_server.resume()
+        for _ in range(100):
+            with contextlib.suppress(StoreUnavailable):
+                allowed, remaining, _, _ = await store.take_token("gw:t:{z}", 1.0, 60.0, 5)
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("no take succeeded after the server resumed")
+        assert allowed and store._channel is not frozen
+    finally:
+        redis_server.resume()
+        await store.aclose()
+
+
+async def test_password_and_database_from_the_url_apply_to_the_connection() -> None:
+    server = start_redis()
+    assert send_command(server.port, "CONFIG", "SET", "requirepass", "s3cret") == b"+OK\r\n"
+    store = RedisStore.from_url(f"redis://:s3cret@127.0.0.1:{server.port}/3", timeout_s=LOADED_MACHINE_TIMEOUT_S, clock=time.monotonic)
+    try:
+        assert await store.prepare()
+        assert await store.set_value("gw:v:{db}", b"in-three", 5.0)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=1.0) as conn:
+            conn.sendall(b"*2\r\n$4\r\nAUTH\r\n$6\r\ns3cret\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n*2\r\n$3\r\nGET\r\n$9\r\ngw:v:{db}\r\n")
+            reply = b""
+            while reply.count(b"\r\n") < 4:
+                reply += conn.recv(65536)
+        assert reply == b"+OK\r\n+OK\r\n$8\r\nin-three\r\n"
+    finally:
+        await store.aclose()
+        server.close()
+        remove_workdir(server)
