@@ -113,6 +113,30 @@ def test_half_open_admits_exactly_one_probe_and_its_success_closes(
     assert not admitted(registry).is_probe
 
 
+def test_the_state_read_without_pybreaker_s_lock_is_pybreaker_s_state(registry: BreakerRegistry, clock: ManualClock) -> None:
+    """`_Breaker.state` reads the storage; pybreaker's `current_state` must agree at every step."""
+    seen = []
+
+    def check() -> None:
+        [breaker] = registry._breakers.values()
+        assert breaker.state == breaker.cb.current_state
+        seen.append(breaker.state)
+
+    admitted(registry).record_success()
+    check()
+    fail_times(registry, POLICY.fail_max)
+    check()
+    clock.advance(POLICY.reset_timeout_s)
+    probe = admitted(registry)
+    check()
+    probe.record_failure()
+    check()
+    clock.advance(POLICY.reset_timeout_s)
+    admitted(registry).record_success()
+    check()
+    assert seen == ["closed", "open", "half-open", "open", "closed"]
+
+
 def test_probe_failure_reopens_for_another_full_reset_timeout(
     registry: BreakerRegistry, clock: ManualClock
 ) -> None:
