@@ -139,15 +139,15 @@ def summary_markdown(results: Mapping[str, Any], chart: str = "latency.png") -> 
         "",
         f"Pinning: {run['pinning']}. Load: wrk, 1 thread, closed loop, POST of a {run['body_bytes']}-byte JSON body; "
         f"the fast upstream is nginx answering a fixed {run['body_bytes']}-byte JSON body, the slow one an asyncio server "
-        f"answering after {SLOW_DELAY_MS:g} ms. The gateway runs `gateway serve` (one uvicorn worker, uvloop, httptools) with its "
+        f"answering after {SLOW_DELAY_MS:g} ms. The gateway runs `gateway serve` (one uvicorn worker, uvloop, its own httptools server protocol) with its "
         "default pipeline (LivePerson classification, breaker, retries, a rate limit that never refuses, access log at INFO to "
         "/dev/null, metrics); `gateway-redis` keeps its rate-limit buckets in a local redis-server; `gateway-ids` is `gateway-redis` "
         "receiving a unique `X-Request-ID` with every request, as the LivePerson client and boto3 send one, so duplicate "
         "coalescing runs too (an in-flight mark in Redis, the stored answer). nginx (1 worker, "
         "upstream keepalive) and HAProxy (1 thread, http-reuse always) run without access logs. `minimal` is the floor the issue's "
-        "reference names: a bare ASGI callable relaying through one aiohttp session on the same uvicorn setup, with no feature at "
-        "all (bench/minimal_proxy.py); `minimal-gw` is the same callable relaying through the gateway's own upstream client, the "
-        "floor under the gateway itself.",
+        "reference names: a bare ASGI callable relaying through one aiohttp session on uvicorn's httptools protocol, with no "
+        "feature at all (bench/minimal_proxy.py); `minimal-gw` is the same callable on the gateway's own server protocol and "
+        "upstream client, the floor under the gateway itself.",
         "",
         f"Machine noise: processes outside the benchmark used {noise['mean_foreign_cores']:.2f} cores on average during the measured "
         f"runs (worst run {noise['max_foreign_cores']:.2f}); load average {noise['loadavg_before']} before, {noise['loadavg_after']} after.",
