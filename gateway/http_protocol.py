@@ -181,16 +181,17 @@ class GatewayHttpProtocol(asyncio.Protocol):
     # --- called by uvicorn's server --------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Graceful shutdown: close when idle, else after the response being written."""
-        exchange = self.reading
-        if exchange is None or exchange.response_complete:
-            self.transport.close()
+        """Graceful shutdown: close when idle, else after the last answer owed on this connection."""
+        owed = [exchange for exchange in (self.answering, *self.queued) if exchange is not None and not exchange.response_complete]
+        if owed:
+            owed[-1].keep_alive = False
         else:
-            exchange.keep_alive = False
+            self.transport.close()
 
     # --- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.reading = None  # until its headers are complete, this request has no exchange
         self._url = b""
         self._headers = []
         self._expect_continue = False
@@ -480,8 +481,8 @@ class Exchange:
         connection = self.connection
         if connection.write_paused and not self.disconnected:
             await connection.drain()
-        if self.disconnected:
-            return
+        if self.disconnected or connection.transport.is_closing():
+            return  # the client left, or the connection was closed under it (a refused pipelined request)
         kind = message["type"]
         if not self.response_started:
             if kind != "http.response.start":
@@ -525,7 +526,7 @@ class Exchange:
 
     def _flush_head(self) -> None:
         head = self._pending_head
-        if head is not None and not self.disconnected:
+        if head is not None and not self.disconnected and not self.connection.transport.is_closing():
             self._pending_head = None
             self.connection.transport.write(head)
 

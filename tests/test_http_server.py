@@ -278,3 +278,16 @@ async def test_shutdown_lets_the_answer_in_progress_finish_then_closes() -> None
     assert await asyncio.wait_for(reader.read(), 5) == b""
     await asyncio.wait_for(task, 15)
     writer.close()
+
+
+@pytest.mark.parametrize("target", [b"/caf\xc3\xa9", b"http://host:99999/x"], ids=["non-ascii-path", "bad-absolute-form"])
+async def test_an_unreadable_target_after_a_good_request_still_gets_its_400(target: bytes) -> None:
+    async with serving(simple(b"fine")) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await read_response(reader))[2] == b"fine"
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nX-Request-ID: bad-target\r\n\r\n")
+        status, headers, body = await read_response(reader)
+        assert status == b"HTTP/1.1 400 Bad Request" and headers[b"connection"] == b"close"
+        assert orjson.loads(body)["code"] == "gateway.bad_request"
+        writer.close()
