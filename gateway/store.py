@@ -338,24 +338,14 @@ class RedisStore:
             except NoScriptError:
                 await self._client.script_load(TOKEN_BUCKET_LUA)
                 return [await self._client.execute_command(*args)]
-        replies = await self._pipelined([command.args for command in batch])
-        lost = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if lost:
-            # Only the scripts again: a SET NX that succeeded must not be sent a second time.
-            await self._client.script_load(TOKEN_BUCKET_LUA)
-            for index, reply in zip(lost, await self._pipelined([batch[i].args for i in lost]), strict=True):
-                replies[index] = reply
-        return replies
+        commands = [command.args for command in batch]
+        replies = await self._pipelined(commands)
+        return await resend_lost_scripts(commands, replies, lambda reply: isinstance(reply, NoScriptError), lambda: self._client.script_load(TOKEN_BUCKET_LUA), self._pipelined)
 
     async def _on_channel(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         channel = await self._open_channel()
         replies = await channel.execute(commands)
-        lost = [index for index, reply in enumerate(replies) if _error_reply(reply, "NOSCRIPT")]
-        if lost:
-            # Only the scripts again: a SET NX that succeeded must not be sent a second time.
-            await channel.execute([("SCRIPT", "LOAD", TOKEN_BUCKET_LUA)])
-            for index, reply in zip(lost, await channel.execute([commands[i] for i in lost]), strict=True):
-                replies[index] = reply
+        replies = await resend_lost_scripts(commands, replies, lambda reply: _error_reply(reply, "NOSCRIPT"), lambda: channel.execute([("SCRIPT", "LOAD", TOKEN_BUCKET_LUA)]), channel.execute)
         if any(_error_reply(reply, "READONLY") for reply in replies):
             channel.abort()  # a master demoted by a failover: reconnecting asks the Sentinels again
         return replies
@@ -499,6 +489,25 @@ class RedisStore:
             raise
         self._breaker.succeed(ticket)
         return result
+
+
+async def resend_lost_scripts(
+    commands: list[tuple[Any, ...]],
+    replies: list[Any],
+    lost: Callable[[Any], bool],
+    load_script: Callable[[], Awaitable[Any]],
+    run: Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]],
+) -> list[Any]:
+    """The replies, with the commands whose script Redis had lost (NOSCRIPT) loaded and run again.
+
+    Only those commands: a SET NX of the same batch that succeeded must not be sent a second time.
+    """
+    indexes = [index for index, reply in enumerate(replies) if lost(reply)]
+    if indexes:
+        await load_script()
+        for index, reply in zip(indexes, await run([commands[i] for i in indexes]), strict=True):
+            replies[index] = reply
+    return replies
 
 
 def _error_reply(reply: Any, code: str) -> bool:

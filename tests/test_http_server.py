@@ -291,3 +291,23 @@ async def test_an_unreadable_target_after_a_good_request_still_gets_its_400(targ
         assert status == b"HTTP/1.1 400 Bad Request" and headers[b"connection"] == b"close"
         assert orjson.loads(body)["code"] == "gateway.bad_request"
         writer.close()
+
+
+async def test_http_1_0_closes_after_its_answer_and_a_body_past_its_length_is_cut() -> None:
+    async def overlong(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"3")]})
+        await send({"type": "http.response.body", "body": b"abc" if scope["path"] == "/fits" else b"abcdef"})
+
+    async with serving(overlong) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /fits HTTP/1.0\r\n\r\n")
+        status, headers, body = await read_response(reader)
+        assert (status, body, headers[b"connection"]) == (b"HTTP/1.1 200 OK", b"abc", b"close")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /overlong HTTP/1.1\r\nHost: t\r\n\r\n")
+        sent = await asyncio.wait_for(reader.read(), 5)  # closed: never more than the declared length
+        assert b"abcdef" not in sent
+        writer.close()

@@ -489,16 +489,32 @@ async def test_an_error_reply_fails_only_its_own_command(store: RedisStore, redi
     assert store.healthy
 
 
-async def test_a_killed_connection_fails_its_callers_and_the_next_call_reconnects(store: RedisStore, redis_server: RedisProcess) -> None:
+async def test_a_killed_connection_is_noticed_and_the_next_call_reconnects(store: RedisStore, redis_server: RedisProcess) -> None:
     await store.take_token("gw:t:{k}", 1.0, 60.0, 5)
-    assert send_command(redis_server.port, "CLIENT", "KILL", "TYPE", "normal").startswith(b":")
-    await asyncio.sleep(0.05)  # the close reaches the gateway's side
-    answer = await asyncio.gather(store.take_token("gw:t:{k}", 1.0, 60.0, 5), return_exceptions=True)
-    if isinstance(answer[0], StoreUnavailable):  # the kill was seen only when this batch was written
-        assert not store.healthy
-        return
-    assert answer[0][:2] == (True, 3)  # reconnected: the bucket kept its count
+    killed = store._channel
+    assert killed is not None and send_command(redis_server.port, "CLIENT", "KILL", "TYPE", "normal").startswith(b":")
+    for _ in range(200):  # until the close reaches the gateway's side
+        if killed.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert killed.closed
+    allowed, remaining, _, _ = await store.take_token("gw:t:{k}", 1.0, 60.0, 5)
+    assert (allowed, remaining) == (True, 3)  # reconnected: the bucket kept its count
+    assert store._channel is not killed and store.healthy
     assert client_count(redis_server.port) == 1
+
+
+async def test_a_killed_connection_fails_the_commands_waiting_on_it_at_once(store: RedisStore, redis_server: RedisProcess) -> None:
+    await store.take_token("gw:t:{w}", 1.0, 60.0, 5)
+    channel = store._channel
+    assert channel is not None
+    waiting = asyncio.ensure_future(channel.execute([("BLPOP", "gw:empty:{w}", "10")]))  # held by Redis for 10 s
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    send_command(redis_server.port, "CLIENT", "KILL", "TYPE", "normal")
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(waiting, 5)
+    assert time.monotonic() - started < 2  # the loss itself, not the command's own 10 s
 
 
 async def test_a_demoted_master_drops_the_connection_to_find_the_new_one(store: RedisStore, redis_server: RedisProcess) -> None:
