@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -32,6 +32,10 @@ class RespChannel(asyncio.Protocol):
         self._owner = owner  # the redis-py connection that opened the socket: kept, never used again
         self._reader = hiredis.Reader(notEnoughData=_INCOMPLETE)
         self._waiting: deque[asyncio.Future[Any]] = deque()
+        # (replies read when a batch is whole, what to call then): see `send`
+        self._batch_ends: deque[tuple[int, Callable[[Exception | None], None]]] = deque()
+        self._replies_owed = 0  # replies asked for since the connection opened
+        self._replies_read = 0
         self._transport: asyncio.Transport | None = None
         self.closed = False
         self.last_reply_at = float("-inf")  # loop time of the last reply read
@@ -52,14 +56,27 @@ class RespChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
-    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Each command's reply, in order; raises ConnectionError when the connection is lost."""
+    def send(self, commands: Sequence[Sequence[Any]], answers: Sequence[asyncio.Future[Any]], on_end: Callable[[Exception | None], None] | None = None) -> None:
+        """Write `commands` in one `write`; each reply becomes its answer's result as it is read.
+
+        The answers are resolved from `data_received` itself, so whoever awaits one resumes in
+        the loop turn that reads its reply (no task in between). An error reply is a result
+        (a `hiredis.ReplyError`), a lost connection a `ConnectionError` on every answer waiting.
+        `on_end` is called once: with None when the last reply is in, else with the error.
+        """
         if self.closed or self._transport is None:
             raise ConnectionError("redis connection closed")
+        self._waiting.extend(answers)
+        self._replies_owed += len(answers)
+        if on_end is not None:
+            self._batch_ends.append((self._replies_owed, on_end))
+        self._transport.write(b"".join([hiredis.pack_command(tuple(command)) for command in commands]))
+
+    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Each command's reply, in order; raises ConnectionError when the connection is lost."""
         create = self._loop.create_future
         answers = [create() for _ in commands]
-        self._waiting.extend(answers)
-        self._transport.write(b"".join([hiredis.pack_command(tuple(command)) for command in commands]))
+        self.send(commands, answers)
         # Replies come in order: once the last is in, so are the others. A cancelled wait (a
         # deadline) leaves its futures in the queue, where their replies are read and dropped.
         try:
@@ -77,12 +94,16 @@ class RespChannel(asyncio.Protocol):
             reader.feed(data)
             while (reply := reader.gets()) is not _INCOMPLETE:
                 answer = self._waiting.popleft()
+                self._replies_read += 1
                 if not answer.done():
                     answer.set_result(reply)
         except (hiredis.ProtocolError, IndexError):  # garbage, or a reply nobody asked for
             self.abort()
             return
         self.last_reply_at = self._loop.time()
+        ends = self._batch_ends
+        while ends and ends[0][0] <= self._replies_read:
+            ends.popleft()[1](None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail_waiting(f"redis connection lost: {exc}" if exc else "redis closed the connection")
@@ -107,3 +128,6 @@ class RespChannel(asyncio.Protocol):
         for answer in waiting:
             if not answer.done():
                 answer.set_exception(ConnectionError(reason))
+        ends, self._batch_ends = self._batch_ends, deque()
+        for _, on_end in ends:
+            on_end(ConnectionError(reason))

@@ -24,7 +24,8 @@ during one turn of the event loop go to Redis in one write, in one round trip. O
 cluster they all travel on one multiplexed connection (`gateway.resp`: replies matched in
 order, parsed by hiredis, about a third of redis-py's instructions per command), opened by
 redis-py and then carried by the gateway; a cluster's go through redis-py's pipeline, which
-routes them by slot. A caller waits ``timeout_s`` from when its batch is sent, plus two loop turns (then it
+routes them by slot. On the open channel a batch is written with no task in between, and each
+reply resolves its caller's future as it is read: the caller resumes in the next loop turn. A caller waits ``timeout_s`` from when its batch is sent, plus two loop turns (then it
 gets :class:`StoreUnavailable` and goes on without Redis); the batch itself runs on to its
 deadline of four timeouts. The outage breaker opens when a batch fails, or reaches that
 deadline while Redis answered no batch sent after it. A reply that is late because the
@@ -47,6 +48,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -127,6 +129,19 @@ class PendingCommand:
 
     args: tuple[Any, ...]
     answer: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class ChannelBatch:
+    """A batch written on the channel: what settling it (last reply, loss or deadline) needs."""
+
+    batch: list[PendingCommand]
+    channel: RespChannel
+    ticket: Literal["closed", "probe"]
+    sent_at: float
+    expiry: asyncio.TimerHandle | None = None
+    deadline: asyncio.TimerHandle | None = None
+    settled: bool = False
 
 
 def bucket_args(rate: float, per_s: float, burst: int) -> tuple[str, str, str]:
@@ -224,6 +239,7 @@ class RedisStore:
         # (start-up, a burst of work) is not taken for a Redis outage.
         self._deadline_s = max(options.timeout_s * 2, OFF_PATH_DEADLINE_FLOOR_S)
         self._pending: list[PendingCommand] = []
+        self._pending_needs_task = False  # a command in `_pending` takes the full path (`_run_batch`)
         self._last_answer_at = float("-inf")  # loop time of the last batch Redis answered
         self._batches: set[asyncio.Task[None]] = set()
         # Key commands go over one multiplexed connection of our own (gateway.resp), except on
@@ -274,17 +290,83 @@ class RedisStore:
         if self._breaker.blocked():
             raise StoreUnavailable("redis is cooling down after an outage")
         loop = asyncio.get_running_loop()
+        try:
+            reply = await self._queued(loop, args, needs_task=False)
+            if type(reply) is ReplyError:  # only the channel's direct path hands error replies back
+                if not (_error_reply(reply, "NOSCRIPT") or _error_reply(reply, "READONLY")):
+                    raise StoreUnavailable(f"redis: ReplyError: {reply}")
+                # The command did not run. The full path reloads a lost script, or drops the
+                # connection to a demoted master, and sends it again.
+                reply = await self._queued(loop, args, needs_task=True)
+        except ConnectionError as error:  # the channel was lost under the direct path
+            raise StoreUnavailable(f"redis: {error}") from None
+        return reply
+
+    def _queued(self, loop: asyncio.AbstractEventLoop, args: tuple[Any, ...], needs_task: bool) -> asyncio.Future[Any]:
         answer: asyncio.Future[Any] = loop.create_future()
         self._pending.append(PendingCommand(args, answer))
+        self._pending_needs_task = self._pending_needs_task or needs_task
         if len(self._pending) == 1:
             loop.call_soon(self._send_batch, loop)
-        return await answer
+        return answer
 
     def _send_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._pending = self._pending, []
+        needs_task, self._pending_needs_task = self._pending_needs_task, False
+        channel = self._channel
+        if channel is not None and not channel.closed and not needs_task:
+            self._send_on_channel(loop, channel, batch)
+            return
         task = loop.create_task(self._run_batch(batch))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
+
+    def _send_on_channel(self, loop: asyncio.AbstractEventLoop, channel: RespChannel, batch: list[PendingCommand]) -> None:
+        """The batch on the open channel, with no task: each reply resolves its caller's answer
+        in the loop turn that reads it. A task per batch cost two more turns before a caller
+        resumed, and in a burst each turn is the whole burst's work (docs/performance.md).
+        The rules are `_run_batch`'s: the callers' wait, the batch deadline, the outage breaker.
+        """
+        ticket = self._breaker.admit()
+        if ticket is None:
+            fail_commands(batch, StoreUnavailable("redis is cooling down after an outage"))
+            return
+        state = ChannelBatch(batch, channel, ticket, loop.time())
+        state.expiry = loop.call_later(self._options.timeout_s, expire_commands, batch, self._options.timeout_s)
+        state.deadline = loop.call_later(self._batch_deadline_s, self._channel_batch_overdue, state)
+        try:
+            channel.send([command.args for command in batch], [command.answer for command in batch], partial(self._channel_batch_ended, state))
+        except ConnectionError as error:
+            self._channel_batch_ended(state, error)
+
+    def _channel_batch_ended(self, state: ChannelBatch, error: Exception | None) -> None:
+        """Its last reply was read (error None), or the connection was lost first."""
+        if state.settled:
+            return
+        state.settled = True
+        assert state.expiry is not None and state.deadline is not None
+        state.expiry.cancel()
+        state.deadline.cancel()
+        if error is None:
+            self._last_answer_at = state.channel.last_reply_at
+            self._breaker.succeed(state.ticket)
+            return
+        self._breaker.fail()
+        fail_commands(state.batch, StoreUnavailable(f"redis: {type(error).__name__}: {error}"))
+
+    def _channel_batch_overdue(self, state: ChannelBatch) -> None:
+        """The batch deadline passed without its last reply: as `_run_batch` on a timeout."""
+        if state.settled:
+            return
+        state.settled = True
+        assert state.expiry is not None
+        state.expiry.cancel()
+        self._drop_silent_channel(state.sent_at)
+        if self._last_answer_at > state.sent_at:
+            self._breaker.abandon(state.ticket)  # Redis answers others: this process's loop is slow
+        else:
+            self._breaker.fail()
+        fail_commands(state.batch, StoreUnavailable(f"redis did not answer within {self._batch_deadline_s:g} s"))
 
     async def _run_batch(self, batch: list[PendingCommand]) -> None:
         """One batch's round trip under the outage breaker and the batch deadline."""

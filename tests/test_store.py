@@ -285,6 +285,49 @@ def test_an_answer_held_up_by_a_stalled_loop_still_reaches_its_caller(redis_serv
     assert answer[:2] == (True, 3)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_reply_resumes_its_caller_in_the_turn_after_it_is_read(redis_server: RedisProcess, loop: str) -> None:
+    """On the open channel a batch goes out with no task, and the reply resolves the caller itself.
+
+    Under load each turn of the loop is a whole burst of other requests' work, so every turn
+    between a take and its caller's resumption is latency (docs/performance.md). Here each turn
+    lasts long enough for Redis to answer before the loop next reads its sockets. The take
+    queues its command in turn 1 and the batch is written in turn 2. uvloop runs the ready
+    callbacks before it polls, so it reads the reply at the end of turn 2 and the caller runs in
+    turn 3; asyncio polls first and runs the read as a callback, so the caller runs in turn 4.
+    """
+
+    async def scenario() -> tuple[Any, int]:
+        store = make_store(redis_server.url, timeout_s=LOADED_MACHINE_TIMEOUT_S)
+        try:
+            await store.take_token("gw:t:{turns}", 1.0, 60.0, 5)  # the channel is open
+            running = asyncio.get_running_loop()
+            turns = 0
+
+            def tick() -> None:
+                nonlocal turns
+                turns += 1
+                time.sleep(0.01)  # Redis answers while this turn lasts
+                if not taking.done():
+                    running.call_soon(tick)
+
+            async def take() -> tuple[Any, int]:
+                answer = await store.take_token("gw:t:{turns}", 1.0, 60.0, 5)
+                return answer, turns  # the turn the caller resumed in
+
+            taking = asyncio.ensure_future(take())
+            running.call_soon(tick)  # after the take's first step, in every turn
+            return await taking
+        finally:
+            await store.aclose()
+
+    runner = uvloop.run if loop == "uvloop" else asyncio.run
+    answer, turns = runner(scenario())
+    assert answer[:2] == (True, 3)
+    # with a task per batch, two turns more: the task's start, and its resumption after the read
+    assert turns == {"uvloop": 3, "asyncio": 4}[loop]
+
+
 class LateForOneKey:
     """Stands in for redis-py's client: answers at once, except for keys named "late", which it
     holds for `late_s` (what an overloaded gateway's loop does to some of its batches)."""
