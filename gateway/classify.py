@@ -12,7 +12,7 @@ import email.utils
 import enum
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ class CompiledPack:
     """A dialect pack prepared once for the hot path (lower-cased header names)."""
 
     pack: DialectPack
-    inspect_headers: tuple[str, ...]
+    inspect_headers: frozenset[bytes]
 
     @property
     def dialect(self) -> str:
@@ -48,13 +48,18 @@ class CompiledPack:
 
 
 def compile_pack(pack: DialectPack) -> CompiledPack:
-    return CompiledPack(pack, tuple(h.lower() for h in pack.inspect_success_when_headers))
+    return CompiledPack(pack, frozenset(h.lower().encode("latin-1") for h in pack.inspect_success_when_headers))
 
 
-def needs_inspection(pack: CompiledPack, status: int, headers: Mapping[str, str]) -> bool:
-    """True when the response may be an error and its (bounded) body must be read."""
+def needs_inspection(pack: CompiledPack, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """True when the response may be an error and its (bounded) body must be read.
+
+    `headers` are the raw ones (lower-case names, as ASGI has them): a success is judged
+    without decoding them.
+    """
     if 200 <= status < 400:
-        return any(name in headers for name in pack.inspect_headers)
+        inspect = pack.inspect_headers
+        return bool(inspect) and any(name in inspect for name, _ in headers)
     if 400 <= status < 600:
         return True
     # a non-standard status no rule can match (901 on a plain HTTP route) is an answer: relay it

@@ -6,7 +6,6 @@ State stays in process memory; the configuration is written to a temporary file 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile

@@ -152,6 +152,13 @@ class Pipeline:
         self.rt = runtime
         self._policy_headers: dict[BucketPolicy, tuple[bytes, str]] = {}  # per policy: RateLimit-Policy, quoted name
         self._new_id = RandomIds()
+        self._successes: dict[int, Outcome] = {}  # per status: outcomes are immutable, made once
+
+    def _success(self, status: int) -> Outcome:
+        outcome = self._successes.get(status)
+        if outcome is None:
+            outcome = self._successes[status] = Outcome(None, status)
+        return outcome
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send, request_id_of(scope, self._new_id), self.rt.clock())
@@ -380,9 +387,9 @@ class Pipeline:
     async def _evaluate(self, plan: UpstreamPlan, result: UpstreamReply | AttemptFailure, deadline: float) -> "Answer":
         if isinstance(result, AttemptFailure):
             return Answer.of_gateway(classify_transport(result.failure, result.detail))
+        if not needs_inspection(plan.pack, result.status, result.headers):
+            return Answer(self._success(result.status), result, None, None)
         headers = result.header_map()
-        if not needs_inspection(plan.pack, result.status, headers):
-            return Answer(Outcome(None, result.status), result, None, None)
         try:
             async with asyncio.timeout(max(0.001, deadline - self.rt.clock())):
                 raw, complete = await result.read_bounded(ERROR_BODY_LIMIT)

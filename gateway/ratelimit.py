@@ -22,7 +22,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from gateway.store import RedisStore, StoreUnavailable
 
@@ -50,8 +50,7 @@ class BucketPolicy:
         return self.per_s / self.rate
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     allowed: bool
     remaining: int
     retry_after_s: float
@@ -60,8 +59,7 @@ class Decision:
     source: str
 
 
-@dataclass(frozen=True, slots=True)
-class BucketStep:
+class BucketStep(NamedTuple):
     """One request against one bucket: the verdict and the bucket's new full-again instant."""
 
     allowed: bool

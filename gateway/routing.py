@@ -98,11 +98,16 @@ def templates_ambiguous(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     return all((x.startswith("{") and y.startswith("{")) or x == y for x, y in zip(a, b))
 
 
+RECENT_PATHS = 4096  # paths whose match is kept; a client calls the same functions again and again
+
+
 class Router:
     def __init__(self, routes: list[Route]) -> None:
         self._root = _Node()
         for route in routes:
             self._insert(route)
+        # raw path -> its match (immutable, a pure function of the path and the routes)
+        self._recent: dict[str, RouteMatch | RefusedCapture | None] = {}
 
     def _insert(self, route: Route) -> None:
         node = self._root
@@ -116,6 +121,18 @@ class Router:
         node.route = route
 
     def match(self, raw_path: str) -> RouteMatch | RefusedCapture | None:
+        recent = self._recent
+        try:
+            return recent[raw_path]
+        except KeyError:
+            pass
+        found = self._match(raw_path)
+        if len(recent) >= RECENT_PATHS:
+            recent.clear()  # bounded: many distinct paths cost a walk each, never memory
+        recent[raw_path] = found
+        return found
+
+    def _match(self, raw_path: str) -> RouteMatch | RefusedCapture | None:
         if not raw_path.startswith("/"):
             return None
         segments = raw_path[1:].split("/")

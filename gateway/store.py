@@ -49,7 +49,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -123,8 +123,7 @@ class StoreOptions:
     resubscribe_s: float = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class PendingCommand:
+class PendingCommand(NamedTuple):
     """A command waiting for its batch (e.g. ``("SET", key, value, "PX", 500)``) and its answer."""
 
     args: tuple[Any, ...]

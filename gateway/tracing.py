@@ -15,7 +15,6 @@ When it is on:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -122,7 +121,7 @@ class TracedUpstream:
     async def send(self, request: UpstreamRequest, connect_s: float, per_try_s: float) -> UpstreamReply | AttemptFailure:
         with self._tracing.attempt_span(request) as span:
             headers = [(k, v) for k, v in request.headers if k.lower() not in TRACE_HEADERS]
-            traced = dataclasses.replace(request, headers=headers + self._tracing.propagation_headers())
+            traced = request._replace(headers=headers + self._tracing.propagation_headers())
             result = await self._client.send(traced, connect_s, per_try_s)
             self._tracing.record_result(span, result)
             return result

@@ -14,6 +14,7 @@ import re
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from gateway.classify import TransportFailure
@@ -29,8 +30,7 @@ _METHODS_WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
 _UNSAFE_IN_HEAD = re.compile(r"[\r\n\x00]")
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamRequest:
+class UpstreamRequest(NamedTuple):
     method: str
     url: str
     headers: list[tuple[str, str]]

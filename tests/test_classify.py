@@ -352,7 +352,7 @@ def test_botocore_invoke_errors_are_all_in_the_table() -> None:
 @pytest.mark.parametrize("value", sorted(LAMBDA_FUNCTION_ERROR_VALUES))
 def test_lambda_function_error_header(packs: dict[str, CompiledPack], header: str, value: str) -> None:
     body = {"errorType": "Error", "errorMessage": "Unhandled exception!", "trace": ["Error: Unhandled exception!"]}
-    assert needs_inspection(packs["lambda"], 200, {header.lower(): value})
+    assert needs_inspection(packs["lambda"], 200, [(header.lower().encode(), value.encode())])
     outcome = classify(packs["lambda"], 200, {header: value}, body)
     assert (outcome.error_class, outcome.status, outcome.code, outcome.detail) == (LAMBDA_FUNCTION_ERROR_VALUES[value], 200, value, "Unhandled exception!")
 
@@ -479,26 +479,26 @@ def test_non_json_body_is_kept_as_bounded_detail(packs: dict[str, CompiledPack])
 @pytest.mark.parametrize("dialect", ["liveperson", "lambda", "yuanrong", "http"])
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 301, 304])
 def test_success_is_not_inspected(packs: dict[str, CompiledPack], dialect: str, status: int) -> None:
-    headers = {"content-type": "application/json", "x-inner-code": "0", "x-amz-executed-version": "$LATEST"}
+    headers = [(b"content-type", b"application/json"), (b"x-inner-code", b"0"), (b"x-amz-executed-version", b"$LATEST")]
     assert needs_inspection(packs[dialect], status, headers) is False
 
 
 @pytest.mark.parametrize("dialect", ["liveperson", "lambda", "yuanrong", "http"])
 @pytest.mark.parametrize("status", [400, 404, 429, 500, 502, 599])
 def test_errors_are_inspected(packs: dict[str, CompiledPack], dialect: str, status: int) -> None:
-    assert needs_inspection(packs[dialect], status, {}) is True
+    assert needs_inspection(packs[dialect], status, []) is True
 
 
 def test_901_is_inspected_only_where_a_rule_names_it(packs: dict[str, CompiledPack]) -> None:
     """LivePerson's 901 is a function error; from a plain HTTP upstream it is relayed as it is."""
-    assert needs_inspection(packs["liveperson"], 901, {}) is True
-    assert needs_inspection(packs["http"], 901, {}) is False
+    assert needs_inspection(packs["liveperson"], 901, []) is True
+    assert needs_inspection(packs["http"], 901, []) is False
 
 
 @pytest.mark.parametrize("header", ["x-amz-function-error", "x-stedi-invocationerror"])
 def test_function_error_header_makes_a_lambda_200_inspected(packs: dict[str, CompiledPack], header: str) -> None:
-    assert needs_inspection(packs["lambda"], 200, {header: "Unhandled"}) is True
-    assert needs_inspection(packs["liveperson"], 200, {header: "Unhandled"}) is False
+    assert needs_inspection(packs["lambda"], 200, [(header.encode(), b"Unhandled")]) is True
+    assert needs_inspection(packs["liveperson"], 200, [(header.encode(), b"Unhandled")]) is False
 
 
 # --- Retry-After -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.routing import (
     MAX_CAPTURE_LENGTH,
+    RECENT_PATHS,
     RefusedCapture,
     Route,
     RouteMatch,
@@ -70,6 +71,20 @@ def test_paths_match_their_route(path: str, upstream: str, template: str, accoun
     found = build_router().match(path)
     assert isinstance(found, RouteMatch), found
     assert (found.route.upstream, found.route.template, found.account, found.function) == (upstream, template, account, function)
+
+
+def test_a_path_seen_again_gets_the_same_answer_and_the_memory_stays_bounded() -> None:
+    router = build_router()
+    fresh = build_router()
+    paths = [m[0] for m in MATCHES] + UNMATCHED + ["/web/..", "/web/a%2Fb"]
+    first = [router.match(path) for path in paths]
+    assert [router.match(path) for path in paths] == first == [fresh.match(path) for path in paths]
+    assert all(again is found for again, found in zip([router.match(path) for path in paths], first, strict=True))
+    for index in range(RECENT_PATHS + 10):  # a client that never calls the same function twice
+        found = router.match(f"/web/fn-{index}")
+        assert isinstance(found, RouteMatch) and found.function == f"fn-{index}"
+    assert len(router._recent) <= RECENT_PATHS
+    assert [router.match(path) for path in paths] == first
 
 
 UNMATCHED = [
