@@ -58,7 +58,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import orjson
 from pybreaker import (
@@ -109,8 +109,7 @@ class BreakerPolicy:
             raise ValueError("scope must be 'function' or 'upstream'")
 
 
-@dataclass(frozen=True, slots=True)
-class BreakerKey:
+class BreakerKey(NamedTuple):  # a tuple: hashed and compared in C, as a dict key on every request
     upstream: str
     function: str
 
@@ -419,7 +418,7 @@ class BreakerRegistry:
                 observer.breaker_created(key)
             return breaker
         self._breakers.move_to_end(key)
-        if breaker.policy != policy:
+        if breaker.policy is not policy and breaker.policy != policy:
             breaker.apply_policy(policy)
         return breaker
 

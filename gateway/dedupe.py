@@ -474,12 +474,14 @@ def detach(exchange: Exchange, flight: Flight) -> Exchange:
     the retries once nobody waits.
     """
     # Built field by field: dataclasses.replace() introspects the fields on every request.
-    return Exchange(
+    copy = Exchange(
         scope=exchange.scope, receive=flight.receive, send=flight.send, request_id=exchange.request_id, started=exchange.started,
         match=exchange.match, plan=exchange.plan, account=exchange.account, attempts=exchange.attempts, status=exchange.status,
         error_class=exchange.error_class, replayed=exchange.replayed, extra_headers=[], disconnect_watch=None,
         body_failure=exchange.body_failure, shared=True,
     )  # fmt: skip
+    copy.headers = exchange.headers
+    return copy
 
 
 class Lease:
@@ -745,8 +747,8 @@ class DedupeGate:
         if self._deduper is None or exchange.plan is None or body.buffered is None:
             return False
         rule = self._rules.get(exchange.plan.name)
-        if rule is None:
-            return False
+        if rule is None or not any(name in exchange.headers for name in rule.id_headers):
+            return False  # no caller id: never coalesced (most requests, so decided here)
         return await self._deduper.serve(pipeline, exchange, body.buffered, rule)
 
 

@@ -24,7 +24,8 @@ import logging
 import os
 import re
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from itertools import chain
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,10 @@ class Exchange:
     disconnect_watch: asyncio.Future[Any] | None = None
     body_failure: Exception | None = None  # why a streamed body stopped: the upstream client reports only a broken connection
     shared: bool = False  # one invocation for several callers (gateway.dedupe): a departure only stops its retries
+    headers: dict[bytes, bytes] = field(init=False)  # each request header's first value, looked up in one step
+
+    def __post_init__(self) -> None:
+        self.headers = first_values(self.scope["headers"])
 
     def problem_context(self, type_base: str) -> ProblemContext:
         return ProblemContext(self.plan.name if self.plan else None, self.attempts, self.request_id, type_base)
@@ -161,7 +166,8 @@ class Pipeline:
         return outcome
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = Exchange(scope, receive, send, request_id_of(scope, self._new_id), self.rt.clock())
+        exchange = Exchange(scope, receive, send, "", self.rt.clock())
+        exchange.request_id = usable_request_id(exchange.headers.get(b"x-request-id")) or self._new_id()
         try:
             await self._handle(exchange)
         except ClientDisconnected:
@@ -183,7 +189,7 @@ class Pipeline:
             self._account(exchange)
 
     async def _handle(self, exchange: Exchange) -> None:
-        if _header_bytes(exchange.scope) > self.rt.max_header_bytes:
+        if header_bytes(exchange.scope["headers"]) > self.rt.max_header_bytes:
             outcome = Outcome(ErrorClass.CLIENT_ERROR, 431, "gateway.headers_too_large", f"request headers exceed {self.rt.max_header_bytes} bytes", made_by_gateway=True)
             return await self._respond_gateway(exchange, None, outcome)
         found = self.rt.router.match(_raw_path(exchange.scope))
@@ -194,10 +200,10 @@ class Pipeline:
         if isinstance(found, RefusedCapture):
             return await self._respond_bad_request(exchange, found.reason)
         exchange.match = found
-        declared = _declared_length(exchange.scope)
+        declared = _declared_length(exchange.headers)
         if declared is not None and declared > self.rt.max_body_bytes:
             return await self._respond_too_large(exchange)
-        account, problem = self._account_of(exchange.scope, found, plan)
+        account, problem = self._account_of(exchange.headers, found, plan)
         if problem:
             return await self._respond_bad_request(exchange, problem)
         exchange.account = account
@@ -217,17 +223,17 @@ class Pipeline:
 
     # --- stage 4: account and token bucket -------------------------------------------------
 
-    def _account_of(self, scope: Scope, found: RouteMatch, plan: UpstreamPlan) -> tuple[str | None, str | None]:
+    def _account_of(self, headers: dict[bytes, bytes], found: RouteMatch, plan: UpstreamPlan) -> tuple[str | None, str | None]:
         account = found.account
         if account is None and plan.account_header is not None:
-            raw = _header(scope, plan.account_header)
+            raw = headers.get(plan.account_header)
             if raw is not None:
                 account = raw.decode("latin-1")
                 reason = capture_problem(account, account)
                 if reason:
                     return None, f"account header {reason}"
         if account is None and plan.dialect == "lambda":
-            account = sigv4_access_key(_header(scope, b"authorization"))
+            account = sigv4_access_key(headers.get(b"authorization"))
         if account is not None and not validate_account_id(account):
             return None, "account id is not acceptable"
         return account, None
@@ -370,12 +376,12 @@ class Pipeline:
 
     def _upstream_request(self, exchange: Exchange, plan: UpstreamPlan, body: RequestBody) -> UpstreamRequest:
         scope = exchange.scope
-        headers = forwarded_headers(scope, exchange.request_id, exchange.attempts)
+        headers = forwarded_headers(scope, exchange.headers, exchange.request_id, exchange.attempts)
         query = scope.get("query_string", b"")
         url = plan.base_url + _raw_path(scope) + ("?" + query.decode("latin-1") if query else "")
         payload = body.buffered if body.buffered is not None else body.stream
         assert payload is not None
-        declared = _declared_length(scope)
+        declared = _declared_length(exchange.headers)
         if body.buffered is None and declared is not None:
             headers.append(("Content-Length", str(declared)))  # else a streamed body goes chunked, which some upstreams refuse
         if plan.authorization is not None:
@@ -632,12 +638,27 @@ def _circuit_open(refusal: Refusal) -> Outcome:
     return Outcome(ErrorClass.CIRCUIT_OPEN, 503, "gateway.circuit_open", detail, max(1.0, refusal.retry_after_s), made_by_gateway=True)
 
 
-def request_id_of(scope: Scope, fresh: Callable[[], str] | None = None) -> str:
+def request_id_of(scope: Scope) -> str:
     """The caller's X-Request-ID when it is 1-200 visible ASCII characters, else a new one."""
-    value = _header(scope, b"x-request-id")
+    return usable_request_id(_header(scope, b"x-request-id")) or os.urandom(16).hex()
+
+
+def usable_request_id(value: bytes | None) -> str | None:
+    """An X-Request-ID value the gateway can pass on (1-200 visible ASCII characters), else None."""
     if value is not None and _USABLE_REQUEST_ID.fullmatch(value):
         return value.decode("ascii")
-    return fresh() if fresh is not None else os.urandom(16).hex()
+    return None
+
+
+def first_values(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Each header name's first value (ASGI names are lower-case)."""
+    return dict(reversed(list(headers)))
+
+
+def header_bytes(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """The size of a header block: names, values, and ": " and CRLF for each line."""
+    pairs = list(headers)
+    return sum(map(len, chain.from_iterable(pairs))) + 4 * len(pairs)
 
 
 class RandomIds:
@@ -661,17 +682,23 @@ class RandomIds:
         return self._pool[start : start + 16].hex()
 
 
-def forwarded_headers(scope: Scope, request_id: str, attempt: int) -> list[tuple[str, str]]:
-    """The caller's headers minus hop-by-hop ones, plus X-Forwarded-*, the request id and attempt."""
+def forwarded_headers(scope: Scope, first: dict[bytes, bytes], request_id: str, attempt: int) -> list[tuple[str, str]]:
+    """The caller's headers minus hop-by-hop ones, plus X-Forwarded-*, the request id and attempt.
+
+    `first` is `first_values(scope["headers"])`.
+    """
     raw = scope["headers"]
-    named = {t.strip().lower() for n, v in raw if n == b"connection" for t in v.split(b",")}
-    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n not in _REQUEST_DROP and n not in named]
+    if b"connection" in first:
+        named = {t.strip().lower() for n, v in raw if n == b"connection" for t in v.split(b",")}
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n not in _REQUEST_DROP and n not in named]
+    else:
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n not in _REQUEST_DROP]
     client = scope.get("client")
-    prior = _header(scope, b"x-forwarded-for")
+    prior = first.get(b"x-forwarded-for")
     peer = client[0] if client else "unknown"
     headers.append(("X-Forwarded-For", f"{prior.decode('latin-1')}, {peer}" if prior else peer))
     headers.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
-    host = _header(scope, b"host")
+    host = first.get(b"host")
     if host is not None:
         headers.append(("X-Forwarded-Host", host.decode("latin-1")))
     headers.append(("X-Request-ID", request_id))
@@ -717,12 +744,8 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-def _header_bytes(scope: Scope) -> int:
-    return sum(len(name) + len(value) + 4 for name, value in scope["headers"])
-
-
-def _declared_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
+def _declared_length(headers: dict[bytes, bytes]) -> int | None:
+    value = headers.get(b"content-length")
     if value is None:
         return None
     try:

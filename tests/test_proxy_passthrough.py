@@ -30,7 +30,7 @@ import psutil
 import pytest
 from aiohttp import web
 
-from gateway.pipeline import RandomIds
+from gateway.pipeline import RandomIds, first_values, header_bytes
 from gateway.simulators import Reply, SimulatedUpstream
 from tests.harness import RunningGateway, gateway_process, running_gateway, simulated, upstream_config, write_config
 from tests.problem_schema import problem_of
@@ -646,3 +646,10 @@ async def test_client_disconnect_mid_response_releases_the_upstream_connection(t
             after = await client.get("/healthz")
     assert not upstream.finished
     assert after.status_code == 200
+
+
+def test_a_repeated_header_is_read_by_its_first_value_and_every_line_counts_toward_the_size() -> None:
+    raw = [(b"host", b"a"), (b"x-request-id", b"first"), (b"accept", b"*/*"), (b"x-request-id", b"second")]
+    assert first_values(raw) == {b"host": b"a", b"x-request-id": b"first", b"accept": b"*/*"}
+    assert header_bytes(raw) == sum(len(name) + len(value) + len(b": \r\n") for name, value in raw)
+    assert header_bytes(iter(raw)) == header_bytes(raw) and header_bytes([]) == 0
