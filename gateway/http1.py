@@ -40,6 +40,7 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 MAX_HEAD_BYTES = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 
 class UpstreamConnectionError(Exception):
@@ -90,6 +91,7 @@ class Http1Connection(asyncio.Protocol):
         self._expect_body = expect_body
         self._status = 0
         self._headers: RawHeaders = []
+        self._framing: RawHeaders = []  # Content-Length, Transfer-Encoding and Connection, as they came
         self._head_bytes = 0
         self._content_length: int | None = None
         self._interim = False
@@ -170,18 +172,22 @@ class Http1Connection(asyncio.Protocol):
             raise UpstreamConnectionError("the upstream sent more than one response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        self._headers.append((name, value))
+        if name in _FRAMING_NAMES:
+            self._framing.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:  # an interim response (100 Continue, 103): its final one follows
             self._interim = True
             self._headers = []
+            self._framing = []
             return
         self._status = status
         self._headed = True
         chunked = False
-        for name, value in self._headers:
+        for name, value in self._framing:
             if name == b"content-length":
                 self._content_length = int(value)  # llhttp has checked it is a number
             elif name == b"transfer-encoding":
@@ -193,6 +199,11 @@ class Http1Connection(asyncio.Protocol):
             self._complete = True
             self._keep_alive = False
         self._wake()
+
+    @property
+    def connection_values(self) -> list[bytes]:
+        """The values of the response's Connection headers (the tokens they name are hop-by-hop)."""
+        return [value for name, value in self._framing if name == b"connection"]
 
     def on_body(self, body: bytes) -> None:
         if self._complete:

@@ -70,8 +70,9 @@ KEEP_ALIVE_S = 30
 FRESH, HEAD, BODY, DONE = "fresh", "head", "body", "done"
 LINGER_S = 2.0
 READ_HIGH_WATER = 64 * 1024  # request body bytes held before the socket stops being read
-_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
-_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')  # a character no token has
+_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")  # a control character but tab: CR and LF included
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _NOT_PROXIED = Outcome(ErrorClass.CLIENT_ERROR, 400, "gateway.bad_request", "WebSocket upgrades are not proxied by this gateway", made_by_gateway=True)
@@ -444,7 +445,8 @@ class Exchange:
             await app(self.scope, self.receive, self.send)
         except BaseException as exc:  # noqa: BLE001  # the last line of defence: log, answer if still possible
             log.error("exception in the ASGI application", exc_info=exc)
-            if not self.response_started and not self.disconnected:
+            if (not self.response_started or self._pending_head is not None) and not self.disconnected:
+                self._pending_head = None  # a head still held has not left: the client can get the 500 instead
                 self._write_internal_error()
             else:
                 self.connection.transport.close()
@@ -487,9 +489,9 @@ class Exchange:
         if not self.response_started:
             if kind != "http.response.start":
                 raise RuntimeError(f"expected ASGI message 'http.response.start', got {kind!r}")
+            self._pending_head = self._head(message["status"], message.get("headers", ()))  # raises on a bad header: nothing is started
             self.response_started = True
             self.waiting_for_continue = False
-            self._pending_head = self._head(message["status"], message.get("headers", ()))
             # held for the first body piece, so both leave in one write; written at the end of
             # this loop turn if the app awaits something before sending any body
             connection.loop.call_soon(self._flush_head)
@@ -535,20 +537,21 @@ class Exchange:
         content = [STATUS_LINES[status]]
         closing = False
         for name, value in (*self.connection.server_state.default_headers, *headers):
-            if _BAD_NAME.search(name):
-                raise RuntimeError("invalid HTTP header name")
-            if _BAD_VALUE.search(value):
-                raise RuntimeError("invalid HTTP header value")
+            if not name or _BAD_NAME.search(name) or _BAD_VALUE.search(value):
+                raise RuntimeError("invalid HTTP header name or value")
             name = name.lower()
-            if name == b"content-length" and self.chunked is None:
-                self.expected_length = int(value)
-                self.chunked = False
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                self.expected_length = 0
-                self.chunked = True
-            elif name == b"connection" and b"close" in [token.strip().lower() for token in value.split(b",")]:
-                self.keep_alive = False
-                closing = True
+            if name in _FRAMING_NAMES:
+                if name == b"content-length":
+                    if self.chunked is None:
+                        self.expected_length = int(value)
+                        self.chunked = False
+                elif name == b"transfer-encoding":
+                    if value.lower() == b"chunked":
+                        self.expected_length = 0
+                        self.chunked = True
+                elif b"close" in [token.strip().lower() for token in value.split(b",")]:
+                    self.keep_alive = False
+                    closing = True
             content += (name, b": ", value, b"\r\n")
         if not self.keep_alive and not closing:
             content.append(b"connection: close\r\n")

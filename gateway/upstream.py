@@ -28,6 +28,7 @@ HOP_BY_HOP = frozenset(
 # RFC 9110 §9.3: methods whose request content has a defined meaning send a length even when empty
 _METHODS_WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
 _UNSAFE_IN_HEAD = re.compile(r"[\r\n\x00]")
+_AUTHORITY_END = re.compile(r"[/?#]")
 
 
 class UpstreamRequest(NamedTuple):
@@ -52,7 +53,7 @@ class UpstreamReply:
         self._connection = connection
         self._read_timeout_s = read_timeout_s
         self.status = status
-        self.headers: RawHeaders = strip_hop_by_hop(headers)
+        self.headers: RawHeaders = strip_hop_by_hop(headers, connection.connection_values)
 
     def header_map(self) -> dict[str, str]:
         """Names -> first value, for classification (names are lower-cased, as ASGI wants)."""
@@ -115,10 +116,16 @@ class UpstreamBodyError(Exception):
     """The upstream broke off while its body was being relayed."""
 
 
-def strip_hop_by_hop(headers: RawHeaders) -> RawHeaders:
-    """RFC 9110 §7.6.1: drop hop-by-hop fields and every field the Connection header names (lower-case names)."""
-    named = {token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")}
-    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
+def strip_hop_by_hop(headers: RawHeaders, connection_values: list[bytes] | None = None) -> RawHeaders:
+    """RFC 9110 §7.6.1: drop hop-by-hop fields and every field the Connection header names (lower-case names).
+
+    `connection_values` are the Connection headers' values when the caller has them already.
+    """
+    if connection_values is None:
+        connection_values = [value for name, value in headers if name == b"connection"]
+    named = {token.strip().lower() for value in connection_values for token in value.split(b",")}
+    drop = HOP_BY_HOP if named <= HOP_BY_HOP else HOP_BY_HOP | named
+    return [(n, v) for n, v in headers if n not in drop]
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:
@@ -141,7 +148,9 @@ def request_head(method: str, target: str, origin: Origin, headers: list[tuple[s
     separators = len(headers)
     if block.count("\n") != separators or block.count("\r") != separators or "\x00" in block or _UNSAFE_IN_HEAD.search(method + target):
         raise ValueError("a request line or header carries CR, LF or NUL")
-    host = b"" if any(name.lower() == "host" for name, _ in headers) else b"Host: %s\r\n" % origin.host_header  # a signer may have set it
+    lowered = block.lower()
+    given = lowered.startswith("host:") or "\nhost:" in lowered  # a signer may have set it
+    host = b"" if given else b"Host: %s\r\n" % origin.host_header
     return b"%s %s HTTP/1.1\r\n%s%s%s\r\n" % (method.encode("ascii"), target.encode("latin-1"), host, block.encode("latin-1"), framing)
 
 
@@ -184,11 +193,8 @@ class UpstreamClient:
     def _split(self, url: str) -> tuple[Origin, str]:
         """The origin (parsed once per scheme and authority) and the request target, as given."""
         scheme, _, rest = url.partition("://")
-        end = len(rest)
-        for delimiter in "/?#":
-            found = rest.find(delimiter, 0, end)
-            if found >= 0:
-                end = found
+        authority_end = _AUTHORITY_END.search(rest)
+        end = len(rest) if authority_end is None else authority_end.start()
         key = url[: len(url) - len(rest) + end]
         origin = self._origins.get(key)
         if origin is None:

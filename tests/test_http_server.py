@@ -174,6 +174,43 @@ async def test_framing_follows_the_method_and_status() -> None:
         writer.close()
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [(b"x-evil", b"a\r\nset-cookie: stolen=1"), (b"x-evil", b"a\nb"), (b"x-evil", b"a\x00b"), (b"x evil", b"a"), (b"x:evil", b"a"), (b"", b"a")],
+)
+async def test_a_header_that_would_break_the_head_is_refused_with_a_problem_500(name: bytes, value: bytes) -> None:
+    async def smuggling(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain"), (name, value)]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with serving(smuggling) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert status == b"HTTP/1.1 500 Internal Server Error"
+        assert b"set-cookie" not in headers and b"x-evil" not in headers
+        writer.close()
+
+
+async def test_framing_headers_are_found_whatever_their_case_and_place() -> None:
+    async def framed(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"X-First", b"1"), (b"Content-Length", b"3"), (b"Connection", b"keep-alive, Close"), (b"x-last", b"value: with colon\tand tab")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"abc"})
+
+    async with serving(framed) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, headers, body = await read_response(reader)
+        assert (status, body) == (b"HTTP/1.1 200 OK", b"abc")
+        assert headers[b"content-length"] == b"3" and b"transfer-encoding" not in headers
+        assert headers[b"x-first"] == b"1" and headers[b"x-last"] == b"value: with colon\tand tab"
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the app's Connection: close is honoured
+        writer.close()
+
+
 @pytest.mark.parametrize("failure", ["raises", "returns-silently"])
 async def test_an_app_that_fails_before_answering_gets_a_problem_500(failure: str) -> None:
     async def broken(scope: dict[str, Any], receive: Any, send: Any) -> None:
