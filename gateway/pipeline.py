@@ -61,6 +61,7 @@ ANSWERED_EXTENSION = "gateway.answered"
 INTERNAL_FAULT = Outcome(ErrorClass.GATEWAY_ERROR, 500, "gateway.internal", "the gateway failed to handle this request", made_by_gateway=True)
 SHUTDOWN_CUT = Outcome(ErrorClass.GATEWAY_ERROR, 503, "gateway.shutting_down", "the gateway shut down before this request finished (server.shutdown_grace_s passed)", made_by_gateway=True)
 STREAM_WATCH_BYTES = 64 * 1024
+RECENT_BUCKETS = 4096  # bucket keys kept per pipeline
 SMALL_BODY_BYTES = 64 * 1024  # a success body up to this declared length is relayed in one message
 _USABLE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-gateway-attempt"}
@@ -155,7 +156,9 @@ class Pipeline:
 
     def __init__(self, runtime: "RuntimeView") -> None:
         self.rt = runtime
-        self._policy_headers: dict[BucketPolicy, tuple[bytes, str]] = {}  # per policy: RateLimit-Policy, quoted name
+        # per policy (by identity: a policy's generated hash is Python code): it, RateLimit-Policy, its quoted name
+        self._policy_headers: dict[int, tuple[BucketPolicy, bytes, str]] = {}
+        self._bucket_keys: dict[tuple[str, str | None], str] = {}  # (upstream, account) -> its bucket's key
         self._new_id = RandomIds()
         self._successes: dict[int, Outcome] = {}  # per status: outcomes are immutable, made once
 
@@ -240,7 +243,7 @@ class Pipeline:
 
     async def _take_token(self, exchange: Exchange, plan: UpstreamPlan) -> bool:
         policy = self.rt.bucket_policy(exchange.account)
-        decision: Decision = await self.rt.limiter.take(bucket_key(plan.name, exchange.account), policy)
+        decision: Decision = await self.rt.limiter.take(self._bucket_key(plan.name, exchange.account), policy)
         metrics = self.rt.metrics
         metrics.child(metrics.ratelimit, plan.name, "allowed" if decision.allowed else "refused", decision.source).inc()
         if decision.source == "unavailable":
@@ -255,12 +258,23 @@ class Pipeline:
         await self._respond_gateway(exchange, plan.dialect, outcome)
         return False
 
+    def _bucket_key(self, upstream: str, account: str | None) -> str:
+        """`bucket_key`, kept for the accounts seen lately (it validates both ids each time)."""
+        keys = self._bucket_keys
+        key = keys.get((upstream, account))
+        if key is None:
+            if len(keys) >= RECENT_BUCKETS:
+                keys.clear()
+            key = keys[(upstream, account)] = bucket_key(upstream, account)
+        return key
+
     def _rate_limit_headers(self, decision: Decision) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
         """RateLimit-Policy and RateLimit (what `rate_limit_headers` says), the policy's part made once."""
-        fixed = self._policy_headers.get(decision.policy)
-        if fixed is None:
-            fixed = self._policy_headers[decision.policy] = (policy_header(decision.policy).encode(), quote_sf_string(decision.policy.name))
-        return (b"ratelimit-policy", fixed[0]), (b"ratelimit", limit_header(decision, fixed[1]).encode())
+        policy = decision.policy
+        fixed = self._policy_headers.get(id(policy))
+        if fixed is None or fixed[0] is not policy:
+            fixed = self._policy_headers[id(policy)] = (policy, policy_header(policy).encode(), quote_sf_string(policy.name))
+        return (b"ratelimit-policy", fixed[1]), (b"ratelimit", limit_header(decision, fixed[2]).encode())
 
     # --- stage 5: body ----------------------------------------------------------------------
 
