@@ -193,6 +193,22 @@ async def test_a_header_that_would_break_the_head_is_refused_with_a_problem_500(
         writer.close()
 
 
+async def test_an_app_that_fails_while_its_head_is_still_held_gets_the_problem_500_instead() -> None:
+    async def fails_after_start(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        raise ValueError("secret detail")  # in the same turn: the head has not left yet
+
+    async with serving(fails_after_start) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nX-Request-ID: held-1\r\n\r\n")
+        status, headers, body = await read_response(reader)
+        assert status == b"HTTP/1.1 500 Internal Server Error" and headers[b"connection"] == b"close"
+        assert orjson.loads(body)["request_id"] == "held-1" and b"secret" not in body
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # nothing after it: the 200 head never left
+        writer.close()
+
+
 async def test_framing_headers_are_found_whatever_their_case_and_place() -> None:
     async def framed(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
