@@ -99,6 +99,7 @@ def templates_ambiguous(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
 
 
 RECENT_PATHS = 4096  # paths whose match is kept; a client calls the same functions again and again
+RECENT_PATH_MAX_LENGTH = 512  # longer paths are matched each time: the map stays within a few MiB
 
 
 class Router:
@@ -127,9 +128,10 @@ class Router:
         except KeyError:
             pass
         found = self._match(raw_path)
-        if len(recent) >= RECENT_PATHS:
-            recent.clear()  # bounded: many distinct paths cost a walk each, never memory
-        recent[raw_path] = found
+        if len(raw_path) <= RECENT_PATH_MAX_LENGTH:
+            if len(recent) >= RECENT_PATHS:
+                recent.clear()  # bounded: many distinct paths cost a walk each, never memory
+            recent[raw_path] = found
         return found
 
     def _match(self, raw_path: str) -> RouteMatch | RefusedCapture | None:

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.routing import (
     MAX_CAPTURE_LENGTH,
+    RECENT_PATH_MAX_LENGTH,
     RECENT_PATHS,
     RefusedCapture,
     Route,
@@ -85,6 +86,11 @@ def test_a_path_seen_again_gets_the_same_answer_and_the_memory_stays_bounded() -
         assert isinstance(found, RouteMatch) and found.function == f"fn-{index}"
     assert len(router._recent) <= RECENT_PATHS
     assert [router.match(path) for path in paths] == first
+    router._recent.clear()
+    for index in range(50):  # long paths (up to the head's limit) are matched, never kept
+        long_path = f"/web/{index}" + "x" * RECENT_PATH_MAX_LENGTH
+        assert isinstance(router.match(long_path), RefusedCapture)  # over the capture's length
+    assert router._recent == {}
 
 
 UNMATCHED = [
