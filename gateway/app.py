@@ -207,6 +207,10 @@ class Gateway:
         self.runtime = Runtime(self.settings, self.services)
         if self._reload_on_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+            # A worker holds SIGHUP blocked until now (gateway.server): one sent while it started
+            # arrives here, through the loop. (Remembering it in a plain handler lost one now and
+            # then: a signal taken in C just before the loop's handler replaced it never ran.)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             if self._sighup_before_start:
                 self._on_sighup()
         log.info("gateway started with %s", self.settings.source)

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from pathlib import Path
 
@@ -27,7 +28,9 @@ log = logging.getLogger("gateway.server")
 def app_from_environment() -> Gateway:
     """uvicorn factory for worker processes: each worker loads the file named by GATEWAY_CONFIG."""
     configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app exists and remembers one (Gateway.__init__)
+    # Held, not lost and not fatal, until the app's loop handles it (Gateway.start unblocks it);
+    # blocking, unlike ignoring, keeps one already pending (a worker starts with it blocked)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     supervisor = _supervisor_pid()
     announce = None if supervisor is None else lambda: os.kill(supervisor, signal.SIGHUP)
     app = create_app(load_settings(Path(os.environ[CONFIG_ENV])), reload_on_sighup=True, announce_reload=announce)
@@ -65,6 +68,21 @@ class GatewaySupervisor(Multiprocess):
     start workers on a file nobody checked. Here the file is checked first; only a valid one
     is announced, by forwarding SIGHUP to each worker, which reloads it as a single process does.
     """
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        # SIGHUP's default action ends a process, and a worker spends a second or two importing
+        # before its app can remember a reload: one sent then killed it (uvicorn started a new
+        # one). The signal mask survives fork and exec, so with SIGHUP blocked here every worker
+        # starts with it blocked, and unblocks it once its loop handles it (`Gateway.start`).
+        # The supervisor takes its own from the pending set, in its loop.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+    def handle_signals(self) -> None:
+        if signal.SIGHUP in signal.sigpending():
+            signal.sigwait({signal.SIGHUP})
+            self.handle_hup()
+        super().handle_signals()
 
     def handle_hup(self) -> None:
         path = Path(os.environ[CONFIG_ENV])
@@ -110,9 +128,9 @@ def run_workers(config: uvicorn.Config) -> None:
     os.environ[SUPERVISOR_ENV] = str(os.getpid())
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     os.environ[MULTIPROCESS_ENV] = metrics_dir  # read by prometheus_client when a worker imports it
-    socket = config.bind_socket()
+    listener = config.bind_socket()
     try:
-        GatewaySupervisor(config, sockets=[socket]).run()
+        GatewaySupervisor(config, sockets=[listener]).run()
     finally:
-        socket.close()
+        listener.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,8 +111,14 @@ class GatewayProcess:
 
 
 @contextlib.contextmanager
-def gateway_process(config_path: Path, port: int | None = None, workers: int = 1, env: dict[str, str] | None = None, startup_s: float = 20.0) -> Iterator[GatewayProcess]:
-    """`python -m gateway serve` in its own process; SIGTERM then SIGKILL on exit."""
+def gateway_process(
+    config_path: Path, port: int | None = None, workers: int = 1, env: dict[str, str] | None = None, startup_s: float = 20.0,
+    before_ready: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> Iterator[GatewayProcess]:  # fmt: skip
+    """`python -m gateway serve` in its own process; SIGTERM then SIGKILL on exit.
+
+    `before_ready` runs once the process is started, before it is waited for (to act while it starts).
+    """
     port = port or free_port()
     log_path = config_path.parent / f"gateway-{port}.log"
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(port), "--workers", str(workers)]
@@ -120,6 +126,8 @@ def gateway_process(config_path: Path, port: int | None = None, workers: int = 1
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
+        if before_ready is not None:
+            before_ready(process)
         _wait_ready(process, url, startup_s, log_path)
         yield GatewayProcess(process, url, log_path)
     finally:

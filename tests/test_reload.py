@@ -8,11 +8,13 @@ and the old configuration keeps serving; breakers and buckets whose keys are unc
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -241,6 +243,34 @@ async def test_sighup_with_workers_checks_the_file_first_and_reloads_every_worke
             sent = await traffic_until_every_worker_answered(gw.url, workers, gw)
             assert {upstream_of(r, first, second) for r in sent} == {0}
             assert worker_pids(gw) == workers
+
+
+async def test_a_sighup_while_the_workers_still_import_kills_none_and_reaches_both(tmp_path: Path, redis_server: RedisProcess) -> None:
+    """SIGHUP's default action ends a process: a worker not yet able to reload must hold the signal."""
+    state = f"state: {{redis_url: '{redis_server.url}'}}\n"
+    async with simulated("liveperson") as first, simulated("liveperson") as second:
+        config = write_config(tmp_path, gateway_yaml(first.url, state))
+        signalled: set[int] = set()
+
+        def reload_while_starting(process: Any) -> None:
+            deadline = time.monotonic() + 20
+            while len(signalled) < 2 and time.monotonic() < deadline:  # both workers exist, neither serves yet
+                signalled.update(c.pid for c in psutil.Process(process.pid).children() if "spawn_main" in " ".join(c.cmdline()))
+                time.sleep(0.005)
+            assert len(signalled) == 2, "the workers were not started"
+            config.write_text(gateway_yaml(second.url, state))
+            process.send_signal(signal.SIGHUP)
+
+        # each worker takes a second before it imports anything (as on a loaded machine), so the
+        # supervisor passes the signal on while both are still starting
+        slow = tmp_path / "slow-start"
+        slow.mkdir()
+        (slow / "sitecustomize.py").write_text("import time\nif b'spawn_main' in open('/proc/self/cmdline', 'rb').read():\n    time.sleep(1.0)\n")
+        env = {"PYTHONPATH": os.pathsep.join([str(slow), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        with gateway_process(config, workers=2, env=env, before_ready=reload_while_starting) as gw:
+            assert worker_pids(gw) == signalled  # no worker was killed and replaced
+            sent = await traffic_until_every_worker_answered(gw.url, signalled, gw)
+            assert {upstream_of(r, first, second) for r in sent} == {1}  # each runs the new file
 
 
 async def test_a_sighup_while_the_worker_still_starts_is_not_lost(tmp_path: Path) -> None:
