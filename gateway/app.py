@@ -153,11 +153,12 @@ class Gateway:
         self.replica_id = uuid.uuid4().hex[:12]
         self._reload_lock = asyncio.Lock()
         self._reload_on_sighup = reload_on_sighup
-        self._sighup_before_start = False
         if reload_on_sighup:
             # Until the lifespan installs the reload handler, a SIGHUP (a supervisor passing a
-            # reload on while this worker still starts) is remembered, not lost.
-            signal.signal(signal.SIGHUP, self._remember_sighup)
+            # reload on while this worker still starts) is held by the kernel: neither lost nor,
+            # as its default action would, ending the process. A worker starts with it blocked
+            # already (gateway.server); blocking, unlike ignoring, keeps one already pending.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         self._announce_reload = announce_reload
         self._signal_reloads: set[asyncio.Task[None]] = set()
         self.ops = Starlette(
@@ -207,16 +208,9 @@ class Gateway:
         self.runtime = Runtime(self.settings, self.services)
         if self._reload_on_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
-            # A worker holds SIGHUP blocked until now (gateway.server): one sent while it started
-            # arrives here, through the loop. (Remembering it in a plain handler lost one now and
-            # then: a signal taken in C just before the loop's handler replaced it never ran.)
+            # one held while this process started arrives now, through the loop's handler
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-            if self._sighup_before_start:
-                self._on_sighup()
         log.info("gateway started with %s", self.settings.source)
-
-    def _remember_sighup(self, _signum: int, _frame: Any) -> None:
-        self._sighup_before_start = True
 
     async def stop(self) -> None:
         services = self.services

@@ -24,9 +24,9 @@ import logging
 import os
 import re
 import zlib
-from itertools import chain
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from gateway.breakers import Admission, BreakerPolicy, BreakerRegistry, Refusal
@@ -45,7 +45,7 @@ from gateway.outcomes import NO_ROUTE, ErrorClass, Outcome, traits_of
 from gateway.ratelimit import BucketPolicy, Decision, bucket_key, limit_header, policy_header, quote_sf_string, validate_account_id
 from gateway.retry import RetryBudget, decide_retry
 from gateway.routing import RefusedCapture, RouteMatch, capture_problem
-from gateway.upstream import HOP_BY_HOP, AttemptFailure, UpstreamBodyError, UpstreamClient, UpstreamReply, UpstreamRequest
+from gateway.upstream import HOP_BY_HOP, AttemptFailure, UpstreamBodyError, UpstreamClient, UpstreamReply, UpstreamRequest, hop_by_hop_names
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -702,11 +702,8 @@ def forwarded_headers(scope: Scope, first: dict[bytes, bytes], request_id: str, 
     `first` is `first_values(scope["headers"])`.
     """
     raw = scope["headers"]
-    if b"connection" in first:
-        named = {t.strip().lower() for n, v in raw if n == b"connection" for t in v.split(b",")}
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n not in _REQUEST_DROP and n not in named]
-    else:
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n not in _REQUEST_DROP]
+    drop = hop_by_hop_names([v for n, v in raw if n == b"connection"], _REQUEST_DROP) if b"connection" in first else _REQUEST_DROP
+    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n not in drop]
     client = scope.get("client")
     prior = first.get(b"x-forwarded-for")
     peer = client[0] if client else "unknown"

@@ -28,9 +28,6 @@ log = logging.getLogger("gateway.server")
 def app_from_environment() -> Gateway:
     """uvicorn factory for worker processes: each worker loads the file named by GATEWAY_CONFIG."""
     configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
-    # Held, not lost and not fatal, until the app's loop handles it (Gateway.start unblocks it);
-    # blocking, unlike ignoring, keeps one already pending (a worker starts with it blocked)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     supervisor = _supervisor_pid()
     announce = None if supervisor is None else lambda: os.kill(supervisor, signal.SIGHUP)
     app = create_app(load_settings(Path(os.environ[CONFIG_ENV])), reload_on_sighup=True, announce_reload=announce)
@@ -72,7 +69,7 @@ class GatewaySupervisor(Multiprocess):
     def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
         super().__init__(config, sockets)
         # SIGHUP's default action ends a process, and a worker spends a second or two importing
-        # before its app can remember a reload: one sent then killed it (uvicorn started a new
+        # before its app can handle a reload: one sent then killed it (uvicorn started a new
         # one). The signal mask survives fork and exec, so with SIGHUP blocked here every worker
         # starts with it blocked, and unblocks it once its loop handles it (`Gateway.start`).
         # The supervisor takes its own from the pending set, in its loop.

@@ -138,8 +138,8 @@ class ChannelBatch:
     channel: RespChannel
     ticket: Literal["closed", "probe"]
     sent_at: float
-    expiry: asyncio.TimerHandle | None = None
-    deadline: asyncio.TimerHandle | None = None
+    expiry: asyncio.TimerHandle
+    deadline: asyncio.TimerHandle
     settled: bool = False
 
 
@@ -330,9 +330,9 @@ class RedisStore:
         if ticket is None:
             fail_commands(batch, StoreUnavailable("redis is cooling down after an outage"))
             return
-        state = ChannelBatch(batch, channel, ticket, loop.time())
-        state.expiry = loop.call_later(self._options.timeout_s, expire_commands, batch, self._options.timeout_s)
-        state.deadline = loop.call_later(self._batch_deadline_s, self._channel_batch_overdue, state)
+        expiry = loop.call_later(self._options.timeout_s, expire_commands, batch, self._options.timeout_s)
+        deadline = loop.call_later(self._batch_deadline_s, lambda: self._channel_batch_overdue(state))
+        state = ChannelBatch(batch, channel, ticket, loop.time(), expiry, deadline)
         try:
             channel.send([command.args for command in batch], [command.answer for command in batch], partial(self._channel_batch_ended, state))
         except ConnectionError as error:
@@ -343,29 +343,37 @@ class RedisStore:
         if state.settled:
             return
         state.settled = True
-        assert state.expiry is not None and state.deadline is not None
         state.expiry.cancel()
         state.deadline.cancel()
         if error is None:
-            self._last_answer_at = state.channel.last_reply_at
-            self._breaker.succeed(state.ticket)
-            return
-        self._breaker.fail()
-        fail_commands(state.batch, StoreUnavailable(f"redis: {type(error).__name__}: {error}"))
+            self._batch_answered(state.ticket, state.channel.last_reply_at)
+        else:
+            self._batch_failed(state.batch, state.ticket, state.sent_at, error)
 
     def _channel_batch_overdue(self, state: ChannelBatch) -> None:
-        """The batch deadline passed without its last reply: as `_run_batch` on a timeout."""
+        """The batch deadline passed without its last reply."""
         if state.settled:
             return
         state.settled = True
-        assert state.expiry is not None
         state.expiry.cancel()
-        self._drop_silent_channel(state.sent_at)
-        if self._last_answer_at > state.sent_at:
-            self._breaker.abandon(state.ticket)  # Redis answers others: this process's loop is slow
+        self._batch_failed(state.batch, state.ticket, state.sent_at, TimeoutError(f"no answer within {self._batch_deadline_s:g} s"))
+
+    def _batch_answered(self, ticket: Literal["closed", "probe"], at: float) -> None:
+        self._last_answer_at = at
+        self._breaker.succeed(ticket)
+
+    def _batch_failed(self, batch: list[PendingCommand], ticket: Literal["closed", "probe"], sent_at: float, error: BaseException) -> None:
+        """A batch that got no answer (both paths): the outage breaker's verdict, its callers told."""
+        timed_out = isinstance(error, TIMEOUTS)
+        if timed_out:
+            self._drop_silent_channel(sent_at)
+        if timed_out and self._last_answer_at > sent_at:
+            # Other batches got their answers meanwhile: Redis is up and this process's own
+            # loop is slow (overloaded). Its callers go on without Redis; nobody else does.
+            self._breaker.abandon(ticket)
         else:
             self._breaker.fail()
-        fail_commands(state.batch, StoreUnavailable(f"redis did not answer within {self._batch_deadline_s:g} s"))
+        fail_commands(batch, StoreUnavailable(f"redis: {type(error).__name__}: {error}"))
 
     async def _run_batch(self, batch: list[PendingCommand]) -> None:
         """One batch's round trip under the outage breaker and the batch deadline."""
@@ -382,15 +390,7 @@ class RedisStore:
             async with asyncio.timeout(self._batch_deadline_s):
                 replies = await self._execute(batch)
         except STORE_ERRORS as error:
-            if isinstance(error, TIMEOUTS):
-                self._drop_silent_channel(sent_at)
-            if isinstance(error, TIMEOUTS) and self._last_answer_at > sent_at:
-                # Other batches got their answers meanwhile: Redis is up and this process's own
-                # loop is slow (overloaded). Its callers go on without Redis; nobody else does.
-                self._breaker.abandon(ticket)
-            else:
-                self._breaker.fail()
-            fail_commands(batch, StoreUnavailable(f"redis: {type(error).__name__}: {error}"))
+            self._batch_failed(batch, ticket, sent_at, error)
             return
         except BaseException:
             self._breaker.abandon(ticket)
@@ -398,8 +398,7 @@ class RedisStore:
             raise
         finally:
             expiry.cancel()
-        self._last_answer_at = loop.time()
-        self._breaker.succeed(ticket)
+        self._batch_answered(ticket, loop.time())
         for command, reply in zip(batch, replies, strict=True):
             if command.answer.done():
                 continue  # its caller gave up (timeout) or left

@@ -123,9 +123,14 @@ def strip_hop_by_hop(headers: RawHeaders, connection_values: list[bytes] | None 
     """
     if connection_values is None:
         connection_values = [value for name, value in headers if name == b"connection"]
-    named = {token.strip().lower() for value in connection_values for token in value.split(b",")}
-    drop = HOP_BY_HOP if named <= HOP_BY_HOP else HOP_BY_HOP | named
+    drop = hop_by_hop_names(connection_values, HOP_BY_HOP)
     return [(n, v) for n, v in headers if n not in drop]
+
+
+def hop_by_hop_names(connection_values: list[bytes], dropped: frozenset[bytes]) -> frozenset[bytes]:
+    """`dropped` plus the fields the Connection header values name (RFC 9110 §7.6.1)."""
+    named = {token.strip().lower() for value in connection_values for token in value.split(b",")}
+    return dropped if named <= dropped else dropped | named
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:
